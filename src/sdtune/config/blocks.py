@@ -1,0 +1,139 @@
+"""Config blocks shared by every training method: model, data, optimizer, schedule, training, save, preview.
+
+Defaults are chosen for the common case and commented like a recipe; per-method schemas (``methods.py``)
+override the defaults that differ (e.g. textual inversion's much higher learning rate).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from sdtune.config.base import StrictModel
+from sdtune.config.rate_schedule import check_rate_schedule
+
+
+def _check_learning_rate(value: float | str) -> float | str:
+    """A number must be > 0; a string must parse as an A1111 schedule (its error shows the syntax)."""
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"must be > 0 (got {value}); e.g. 1e-4")
+    return check_rate_schedule(value)
+
+
+LearningRate = Annotated[float | str, AfterValidator(_check_learning_rate)]
+
+
+class ModelConfig(StrictModel):
+    base: str = Field("builtin", examples=["builtin"])
+    """Base model: `builtin` (sdtune's shapes-world model), a diffusers folder, or a .safetensors/.ckpt file."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """What the UNet predicts. `auto` reads it from the model; set it for SD 2.x files that do not record it."""
+
+
+class DataConfig(StrictModel):
+    path: str = Field(examples=["./datasets/my-concept"])
+    """Folder of training images. Captions come from `.txt` sidecars, else from file names."""
+    resolution: int | None = Field(None, ge=8, le=4096, multiple_of=8, examples=[512])
+    """Training resolution in pixels (square). Empty = the base model's native resolution."""
+    template: str = Field("subject_filewords", examples=["subject_filewords"])
+    """Prompt templates: a shipped set (subject, style, subject_filewords, style_filewords, none) or a file
+    with one prompt per line using `[name]` (the new token) and `[filewords]` (the image's caption)."""
+    caption_extension: str = Field(".txt", examples=[".txt"])
+    """Extension of caption sidecar files next to each image."""
+    filename_word_regex: str = Field("", examples=[r"\w+"])
+    """When captions come from file names: regex whose matches are kept (A1111's 'Filename word regex')."""
+    filename_join: str = Field(" ", examples=[" "])
+    """String that joins the regex matches (A1111's 'Filename join string')."""
+    shuffle_tags: bool = False
+    """Shuffle the comma-separated tags of each caption every time it is used."""
+    keep_tags: int = Field(0, ge=0, examples=[1])
+    """With shuffling or dropout: keep this many leading tags fixed (kohya's keep_tokens)."""
+    tag_dropout: float = Field(0.0, ge=0.0, le=1.0, examples=[0.1])
+    """Probability of dropping each tag when a caption is used."""
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, examples=[0.05])
+    """Probability of training on an empty caption instead."""
+    repeats: int = Field(1, ge=1, examples=[10])
+    """How many times each image is seen per epoch."""
+    flip: bool = False
+    """Randomly mirror images left-right (cached as a second latent)."""
+    latent_sampling: Literal["once", "deterministic", "random"] = "once"
+    """VAE latents: `once` samples the posterior once and caches it, `deterministic` caches its mean,
+    `random` samples anew every step (A1111's 'latent sampling method')."""
+    batch_size: int = Field(1, ge=1, examples=[4])
+    """Images per step (per process). Effective batch = batch_size x grad_accum x processes."""
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"] = "adamw"
+    """Optimizer. 8-bit AdamW needs bitsandbytes, Prodigy needs prodigyopt."""
+    lr: LearningRate = Field(1e-4, examples=[1e-4])
+    """Learning rate: a number, or A1111's schedule string `0.005:100, 1e-3:1000, 1e-5` (rate until step)."""
+    weight_decay: float = Field(0.0, ge=0.0, examples=[0.01])
+    """Decoupled weight decay (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1, beta2."""
+    eps: float = Field(1e-8, gt=0, examples=[1e-8])
+    """Adam epsilon."""
+
+
+class ScheduleConfig(StrictModel):
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = (
+        "constant"
+    )
+    """Learning-rate schedule (diffusers' schedulers). Ignored when `optimizer.lr` is an A1111 schedule string."""
+    warmup_steps: int = Field(0, ge=0, examples=[100])
+    """Steps of linear warmup from 0."""
+    num_cycles: int = Field(1, ge=1, examples=[1])
+    """Cosine restarts."""
+    power: float = Field(1.0, gt=0, examples=[1.0])
+    """Polynomial decay power."""
+
+
+class TrainConfig(StrictModel):
+    max_steps: int = Field(1000, ge=1, examples=[1000])
+    """Total optimizer steps, counted across resumes (A1111's 'Max steps')."""
+    grad_accum: int = Field(1, ge=1, examples=[4])
+    """Gradient accumulation: micro-batches per optimizer step."""
+    clip_grad: Literal["none", "norm", "value"] = "none"
+    """Gradient clipping mode."""
+    clip_value: float = Field(1.0, gt=0, examples=[1.0])
+    """Max gradient norm (mode `norm`) or absolute value (mode `value`)."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """Autocast precision. `auto` = bf16 on GPUs that support it, else full precision."""
+    seed: int = Field(0, examples=[0])
+    """Seed for data order, noise and timesteps: the same seed gives the same run."""
+    min_snr_gamma: float | None = Field(None, gt=0, examples=[5.0])
+    """Min-SNR loss weighting (Hang et al. 2023); 5 is the recommended value; empty = off."""
+    noise_offset: float = Field(0.0, ge=0.0, examples=[0.05])
+    """Offset noise strength (Guttenberg 2023); helps very dark or bright images; 0 = off."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet."""
+
+
+class SaveConfig(StrictModel):
+    every_n_steps: int = Field(0, ge=0, examples=[500])
+    """Write a resumable checkpoint and a snapshot of the outputs every N steps (0 = only at the end)."""
+    keep_last: int = Field(3, ge=1, examples=[3])
+    """Resumable checkpoints to keep; older ones are pruned."""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp32"
+    """Precision of exported files."""
+
+
+class PreviewConfig(StrictModel):
+    every_n_steps: int = Field(0, ge=0, examples=[100])
+    """Render preview images every N steps (0 = only before and after training)."""
+    prompts: list[str] = Field(default_factory=list, examples=[["a photo of [name]"]])
+    """Preview prompts (`[name]` = the new token). Empty = the first training captions."""
+    negative_prompt: str = Field("", examples=["blurry"])
+    """Negative prompt for previews."""
+    seed: int = Field(0, examples=[0])
+    """Seed of the preview noise; fixed so previews are comparable across steps."""
+    steps: int = Field(20, ge=1, le=1000, examples=[20])
+    """Sampling steps."""
+    cfg_scale: float = Field(7.0, ge=0.0, examples=[7.0])
+    """Classifier-free guidance scale."""
+    sampler: Literal["ddim", "euler", "euler_a", "dpmpp_2m"] = "ddim"
+    """Sampler for previews."""
+    before_training: bool = True
+    """Render the previews once before the first step too (for before/after comparisons)."""

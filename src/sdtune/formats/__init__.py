@@ -1,0 +1,1 @@
+"""Layer 2: file formats other tools read: hashes, metadata, LoRA / embedding / hypernetwork layouts."""

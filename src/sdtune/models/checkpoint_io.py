@@ -1,0 +1,133 @@
+"""Reading and writing single-file checkpoints, safely.
+
+``.safetensors`` files are checked (header length, JSON header, data extent) before they are opened, so a
+renamed text file or a truncated download gives a one-line error instead of a parser traceback.
+``.ckpt``/``.pt``/``.bin`` files are pickles: they are read only with ``torch.load(weights_only=True)``,
+which refuses any pickle that would import or call code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdtune.core.atomic import atomic_path
+from sdtune.core.errors import ModelError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """Return (header dict, header length) of a safetensors file after checking it is one and is whole."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > min(size - 8, 100 * 1024 * 1024):
+            raise ModelError(f"{path}: not a safetensors file (bad header length); expected a .safetensors checkpoint")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(
+            f"{path}: not a safetensors file (header is not JSON); expected a .safetensors checkpoint"
+        ) from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelError(
+            f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end}); re-download it"
+        )
+    return header, n
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file (empty for pickles)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    header, _ = safetensors_header(path)
+    return dict(header.get("__metadata__") or {})
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes, without reading tensor data where the format allows it."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        header, _ = safetensors_header(path)
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+
+
+def read_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read all tensors of a single-file checkpoint (safetensors, or a pickle loaded weights-only)."""
+    return read_checkpoint(path, device=device)[0]
+
+
+def read_checkpoint(path: str | Path, *, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read (tensors, string metadata) of a single-file checkpoint in one pass."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        header, _ = safetensors_header(path)
+        try:
+            with safe_open(str(path), framework="pt", device=device) as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(header.get("__metadata__") or {})
+        except Exception as exc:  # the Rust parser raises its own error types
+            raise ModelError(f"{path}: unreadable safetensors file ({exc}); re-download it") from None
+    if suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path, device)
+    raise ModelError(f"{path}: unknown checkpoint type '{suffix}'; expected .safetensors, .ckpt, .pt or .bin")
+
+
+def _read_pickle(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses globals it does not know: the file wants to run or import code.
+        reason = str(exc).split("\n")[0][:200]
+        raise ModelError(
+            f"{path}: refused to load: this pickle would import or run code ({reason}); "
+            "use a .safetensors file or convert it with a tool you trust"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    meta = obj.get("sdtune_metadata")
+    metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, Mapping) else {}
+    if isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # the LDM / A1111 .ckpt wrapper
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def write_state_dict(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write tensors atomically: safetensors with string metadata, or an A1111-style ``.ckpt`` dict."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix in SAFETENSORS_SUFFIXES:
+            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        elif suffix in PICKLE_SUFFIXES:
+            # .ckpt has no metadata slot; the strings ride along in the dict (weights_only-loadable).
+            torch.save({"state_dict": tensors, "sdtune_metadata": dict(metadata or {})}, tmp)
+        else:
+            raise ModelError(f"{path}: unknown checkpoint type '{suffix}'; use .safetensors or .ckpt")

@@ -1,0 +1,28 @@
+"""Shared test setup: everything runs offline on tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may be fetched from a hub: a test that tries fails instead of silently downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Build (once per session and family) a tiny model: ``tiny_model("sdxl")``."""
+    from sdtune.models.tiny import build_tiny
+
+    cache: dict = {}
+
+    def get(family: str = "sd1", seed: int = 0):
+        key = (family, seed)
+        if key not in cache:
+            cache[key] = build_tiny(family, seed=seed)
+        return cache[key]
+
+    return get

@@ -28,6 +28,15 @@ def test_text_file_renamed_safetensors(tmp_path):
     assert "not a safetensors file" in _one_line(exc, path)
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_text_file_renamed_ckpt(tmp_path, suffix):
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("these are my notes, not a model\n" * 10)
+    with pytest.raises(ModelError) as exc:
+        load_model(path)
+    assert "not a PyTorch checkpoint" in _one_line(exc, path)
+
+
 def test_truncated_safetensors(tiny_model, tmp_path):
     path = save_model(tiny_model("sd1"), tmp_path / "m.safetensors", dtype=torch.float16)
     data = path.read_bytes()

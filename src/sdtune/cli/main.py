@@ -39,11 +39,108 @@ def validate(
 
 
 @app.command()
+def demo(
+    out: Path = typer.Option(Path("runs"), help="Folder for the demo run."),
+    steps: int = typer.Option(300, min=1, help="Training steps."),
+) -> None:
+    """Teach the built-in model a concept it has never seen (an embedding), and show before/after."""
+    from sdtune.tools.demo import DemoSettings, run_demo
+
+    report = run_demo(out, DemoSettings(steps=steps), console)
+    c, b = report["concept_fidelity"], report["base_accuracy"]
+    console.print(f"\n[bold]{report['token']}[/bold] (a teal heart, never drawn by the base model)")
+    console.print(f"concept fidelity: {c['before']:.0%} -> [bold]{c['after']:.0%}[/bold] of {c['n']} images")
+    console.print(f"base prompts:     {b['before']:.0%} -> {b['after']:.0%} of {b['n']} images (drift check)")
+    for label, path in report["files"].items():
+        console.print(f"{label}: {path}", highlight=False)
+    console.print(f"took {report['seconds']:.0f}s")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="A training config YAML, or a run folder to resume."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder's latest checkpoint."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.max_steps=500"),
+) -> None:
+    """Train with a config (textual inversion today); progress, previews, checkpoints go to runs/<name>/."""
+    from sdtune.methods.run import resolve, run
+
+    cfg, resume = resolve(config, set_, resume)
+    outputs = run(cfg, resume=resume, console=console)
+    for path in outputs:
+        console.print(f"output: {path}", highlight=False)
+
+
+@app.command()
 def inspect(path: str = typer.Argument(..., help="A model folder, a .safetensors/.ckpt file, or 'builtin'.")) -> None:
     """Show a model's family, components, dtypes, parameter counts and the hashes UIs display."""
     from sdtune.cli.inspect_view import show
 
     show(path, console)
+
+
+@app.command("generate")
+def generate_cmd(
+    prompts: list[str] = typer.Argument(..., help="One or more prompts."),
+    model: str = typer.Option("builtin", help="Model: 'builtin', a diffusers folder or a .safetensors/.ckpt file."),
+    n: int = typer.Option(1, min=1, help="Images per prompt (seeds seed, seed+1, ...)."),
+    seed: int = typer.Option(0, help="Seed of the first image."),
+    steps: int = typer.Option(20, min=1, max=1000, help="Sampling steps."),
+    cfg: float = typer.Option(7.0, min=0.0, help="Classifier-free guidance scale."),
+    sampler: str = typer.Option("ddim", help="ddim, euler, euler_a or dpmpp_2m."),
+    negative: str = typer.Option("", help="Negative prompt."),
+    width: int | None = typer.Option(None, help="Width in pixels (default: the model's native size)."),
+    height: int | None = typer.Option(None, help="Height in pixels (default: the model's native size)."),
+    out: Path = typer.Option(Path("outputs"), help="Output folder for the PNGs (with A1111 infotext) and grid."),
+) -> None:
+    """Generate images; each PNG carries A1111-style parameters, and a grid.png shows them all."""
+    from sdtune.cli.generate_view import run_generate
+
+    run_generate(prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console)
+
+
+builtin_app = typer.Typer(help="The built-in shapes-world base model.", no_args_is_help=True)
+app.add_typer(builtin_app, name="builtin")
+
+
+@builtin_app.command("build")
+def builtin_build(
+    work_dir: Path = typer.Option(Path(".builtin-build"), help="Where the resumable build state lives."),
+    minutes: float = typer.Option(0, help="Stop (resumably) after this many minutes; 0 = run to the end."),
+    out: Path | None = typer.Option(None, help="Export folder (default: the package's built-in model folder)."),
+) -> None:
+    """Train the built-in base model from scratch on the shapes world (resumable; ~40 min on 2 CPU cores)."""
+    import time
+
+    import torch
+
+    from sdtune.tools.builtin_build import Build, BuildSettings
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    build = Build(work_dir, BuildSettings(), console)
+    deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
+    if build.run(deadline):
+        path = build.export(out) if out else build.export()
+        console.print(f"built-in model written to {path}")
+    else:
+        console.print(f"paused at stage {build.state['stage']} step {build.state['step']}; run again to resume")
+
+
+@builtin_app.command("dataset")
+def builtin_dataset(
+    concept: str = typer.Argument(..., help="A held-out concept of the shapes world: teal_heart or star."),
+    out: Path = typer.Argument(..., help="Folder to write images + .txt captions into."),
+    n: int = typer.Option(20, min=1, help="Number of images."),
+    token: str | None = typer.Option(None, help="Write this token in the captions instead of the concept's words."),
+) -> None:
+    """Write a built-in concept dataset (PNG + .txt sidecar captions) for training."""
+    from sdtune.world import get_concept, write_concept_dataset
+
+    try:
+        paths = write_concept_dataset(get_concept(concept), out, n=n, token=token)
+    except ValueError as exc:
+        raise SdtuneError(f"concept: {exc}") from None
+    console.print(f"wrote {len(paths)} images with captions to {out}")
 
 
 def main() -> None:

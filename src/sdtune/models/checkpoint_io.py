@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -96,6 +95,10 @@ def read_checkpoint(path: str | Path, *, device: str = "cpu") -> tuple[dict[str,
 
 
 def _read_pickle(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip archive, or a raw pickle
+        raise ModelError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -105,8 +108,9 @@ def _read_pickle(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict
             f"{path}: refused to load: this pickle would import or run code ({reason}); "
             "use a .safetensors file or convert it with a tool you trust"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler fails in many ways on damaged files
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     meta = obj.get("sdtune_metadata")

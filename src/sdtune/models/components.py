@@ -49,9 +49,12 @@ class SDComponents:
 
     def noise_scheduler(self) -> DDPMScheduler:
         """The training noise schedule (DDPM with this model's betas and prediction type)."""
-        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        config["prediction_type"] = self.family.prediction_type
-        return DDPMScheduler.from_config(config)
+        return self.noise_scheduler_from(dict(self.scheduler_config, prediction_type=self.family.prediction_type))
+
+    @staticmethod
+    def noise_scheduler_from(config: dict[str, Any]) -> DDPMScheduler:
+        """A DDPM noise schedule from a scheduler config of any sampler class."""
+        return DDPMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SDComponents:
         for module in self.modules().values():

@@ -1,0 +1,1 @@
+"""Layer 3b (above inference): what a model has learned, measured."""

@@ -1,0 +1,65 @@
+"""Run a training config end to end: the one entry point the CLI and the web UI both call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from sdtune.config import dump_yaml, load_train_config
+from sdtune.config.methods import RunBase
+from sdtune.core.errors import ConfigError
+from sdtune.core.events import EventBus
+from sdtune.methods import setup_function
+from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
+from sdtune.train.loop import train
+from sdtune.train.rundir import RunDir
+
+
+def run_dir_of(cfg: RunBase) -> RunDir:
+    return RunDir(Path(cfg.output_dir) / cfg.name)
+
+
+def resolve(
+    config: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: bool = False
+) -> tuple[RunBase, bool]:
+    """A config from a YAML file or from a run folder (which means: resume that run)."""
+    path = Path(config)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: not a run folder (no config.yaml); give a config YAML or a run folder")
+        return load_train_config(path / "config.yaml", overrides), True
+    return load_train_config(path, overrides), resume
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def run(
+    cfg: RunBase,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    bus: EventBus | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Train ``cfg``; with ``resume`` continue the run folder's latest checkpoint. Returns the exported files."""
+    console = console or Console()
+    run = run_dir_of(cfg)
+    if run.latest_checkpoint() is not None and not resume:
+        raise ConfigError(f"name: {run.root} already holds a run; resume it (--resume) or choose another name")
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    bus = bus or EventBus()
+    if accelerator.is_main_process:
+        run.create(dump_yaml(cfg))
+        if progress:
+            bus.subscribe(ConsoleProgress(console))
+        bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
+    accelerator.wait_for_everyone()
+    job = setup_function(cfg.method)(cfg, accelerator, console)
+    return train(job, cfg, run, bus, accelerator)

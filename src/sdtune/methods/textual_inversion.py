@@ -1,0 +1,250 @@
+"""Textual inversion: teach a model new words. Only the new tokens' vectors train; the model stays frozen.
+
+Recipe:
+1. load the base model and freeze all of it;
+2. read the images and captions, encode the images to latents once;
+3. add the new token (and ``token_1 ... token_{n-1}`` for n vectors) to every tokenizer and give each text
+   encoder a separate trainable table for just those rows, initialised by AUTOMATIC1111's rule (or from an
+   existing embedding file, whose step count then continues);
+4. loss: prompt from a template (``[name]`` = the token, ``[filewords]`` = the caption), noise at a random
+   timestep, UNet prediction against the noise (or velocity), Min-SNR weighting if configured;
+5. export: A1111 ``.pt``, ``.safetensors`` (SDXL: ``clip_l`` + ``clip_g``) and the PNG with the embedding inside.
+
+The original token rows are never parameters, so they cannot change: no "restore the other rows" step needed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from sdtune.adapters.token_embedding import (
+    ExtendedEmbedding,
+    a1111_init,
+    add_tokens,
+    expand_token,
+    install,
+    token_names,
+)
+from sdtune.config.methods import TextualInversionConfig
+from sdtune.core.errors import ConfigError
+from sdtune.data import (
+    CaptionOptions,
+    LatentCache,
+    caption_for,
+    load_image,
+    load_templates,
+    process_caption,
+    scan_images,
+)
+from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
+from sdtune.formats.hashes import a1111_short_hash
+from sdtune.formats.png_embedding import save_png_embedding
+from sdtune.inference.generate import GenerationSettings, generate, grid, infotext, native_size, save_images
+from sdtune.inference.infotext import save_png
+from sdtune.models.loading import load_model, resolve_path
+from sdtune.models.text_encoding import encode_prompts
+from sdtune.train.noise import diffusion_loss, min_snr_weights, per_sample_noise, per_sample_timesteps, target
+
+ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
+
+
+class TextualInversionJob:
+    """The loop's view of a textual-inversion run (see :class:`sdtune.train.loop.Job`)."""
+
+    def __init__(self, cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> None:
+        self.cfg, self.console = cfg, console or Console()
+        device = accelerator.device
+
+        # 1. the base model, frozen
+        self.base_path = resolve_path(cfg.model.base)
+        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(device)
+        for module in self.model.modules().values():
+            module.requires_grad_(False).eval()
+        self.scheduler = self.model.noise_scheduler()
+
+        # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)
+        paths, skipped = scan_images(cfg.data.path)
+        for item in skipped:
+            self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+        self.resolution = cfg.data.resolution or native_size(self.model)
+        images = torch.stack([load_image(p, self.resolution) for p in paths]).to(device, self.model.vae.dtype)
+        self.captions = [
+            caption_for(p, cfg.data.caption_extension, cfg.data.filename_word_regex, cfg.data.filename_join)
+            for p in paths
+        ]
+        self.templates = load_templates(cfg.data.template, require_name=True)
+        self.caption_options = CaptionOptions(
+            cfg.data.shuffle_tags, cfg.data.keep_tags, cfg.data.tag_dropout, cfg.data.caption_dropout
+        )
+        self.latents = LatentCache.encode(
+            self.model.vae,
+            images,
+            cfg.data.latent_sampling,
+            torch.Generator().manual_seed(cfg.train.seed),
+            flip=cfg.data.flip,
+        )
+        if len(paths) < cfg.data.batch_size:
+            self.console.print(
+                f"note: {len(paths)} images, fewer than data.batch_size {cfg.data.batch_size}: "
+                "images repeat within a batch",
+                highlight=False,
+            )
+
+        # 3. the new token(s): one trainable table per text encoder, everything else stays frozen
+        self.names = token_names(cfg.token, cfg.num_vectors)
+        self.initial_step = 0  # an init_embedding file sets its own step count
+        start = self._initial_vectors()
+        self.tables: list[ExtendedEmbedding] = []
+        for tokenizer, encoder, vectors in zip(self.model.tokenizers, self.model.text_encoders, start, strict=True):
+            try:
+                add_tokens(tokenizer, self.names)
+            except ValueError as exc:
+                raise ConfigError(f"token: {exc}; choose a new word, e.g. <{cfg.name}>") from None
+            table = install(encoder, cfg.num_vectors)
+            with torch.no_grad():
+                table.extra.copy_(vectors)
+            self.tables.append(table)
+
+    def _initial_vectors(self) -> list[torch.Tensor]:
+        """Per text encoder: vectors from an embedding file, else A1111's spread of the init text's tokens."""
+        cfg = self.cfg
+        widths = tuple(e.get_input_embeddings().embedding_dim for e in self.model.text_encoders)
+        if cfg.init_embedding:
+            emb = load_embedding(cfg.init_embedding)
+            check_width(emb, widths, cfg.init_embedding)
+            if emb.num_vectors != cfg.num_vectors:
+                raise ConfigError(
+                    f"num_vectors: {cfg.init_embedding} has {emb.num_vectors} vectors per token "
+                    f"(got num_vectors {cfg.num_vectors}); set num_vectors: {emb.num_vectors}"
+                )
+            self.initial_step = emb.step  # max_steps counts the embedding's earlier training too (A1111)
+            keys = ENCODER_KEYS if self.model.family.arch == "sdxl" else ("text_encoder",)
+            return [emb.vectors[k].float() for k in keys]
+        out = []
+        for tokenizer, encoder in zip(self.model.tokenizers, self.model.text_encoders, strict=True):
+            ids = (
+                tokenizer(
+                    cfg.init_text, add_special_tokens=False, truncation=True, max_length=cfg.num_vectors
+                ).input_ids
+                if cfg.init_text
+                else []
+            )
+            out.append(a1111_init(encoder.get_input_embeddings().weight.detach().cpu(), ids, cfg.num_vectors))
+        return out
+
+    # -- what the loop calls -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[dict]:
+        rate = self.cfg.optimizer.lr if isinstance(self.cfg.optimizer.lr, float) else 1.0  # string: set per step
+        return [{"params": [t.extra for t in self.tables], "lr": rate}]
+
+    def num_examples(self) -> int:
+        return len(self.captions)
+
+    def prompt(self, index: int, rng: random.Random) -> str:
+        filewords = process_caption(self.captions[index], self.caption_options, rng)
+        text = self.templates.render(self.cfg.token, filewords, rng)
+        return expand_token(text, self.cfg.token, self.cfg.num_vectors)
+
+    def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        device = self.tables[0].extra.device
+        latents = torch.cat([self.latents.get([i], g) for i, g in zip(indices, generators, strict=True)]).to(device)
+        prompts = [
+            self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
+            for i, g in zip(indices, generators, strict=True)
+        ]
+        noise = per_sample_noise(latents.shape[1:], generators, self.cfg.train.noise_offset).to(device)
+        timesteps = per_sample_timesteps(self.scheduler.config.num_train_timesteps, generators).to(device)
+        cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.model.unet(
+            noisy.to(self.model.unet.dtype),
+            timesteps,
+            cond.context.to(self.model.unet.dtype),
+            **cond.unet_kwargs(self.resolution, self.resolution),
+        ).sample
+        gamma = self.cfg.train.min_snr_gamma
+        weights = min_snr_weights(self.scheduler, timesteps, gamma) if gamma else None
+        return diffusion_loss(prediction, target(self.scheduler, latents, noise, timesteps), weights)
+
+    def after_step(self) -> None:
+        pass  # nothing to restore: the original rows are not trainable (see module docstring)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"vectors.{i}": t.extra.detach().cpu().clone() for i, t in enumerate(self.tables)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, t in enumerate(self.tables):
+                t.extra.copy_(state[f"vectors.{i}"])
+
+    # -- outputs -------------------------------------------------------------------------------------
+    def embedding(self, step: int) -> Embedding:
+        vectors = {k: t.extra.detach().cpu().float().clone() for k, t in zip(self._keys(), self.tables, strict=True)}
+        model_hash = a1111_short_hash(self.base_path) if self.base_path.is_file() else None
+        return Embedding(self.file_stem, vectors, step, model_hash, self.base_path.stem)
+
+    def _keys(self) -> tuple[str, ...]:
+        return ENCODER_KEYS if self.model.family.arch == "sdxl" else ("text_encoder",)
+
+    @property
+    def file_stem(self) -> str:
+        """File name = the trigger word in A1111/ComfyUI: the token without brackets and unsafe characters."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.cfg.token).strip("-.")
+        return stem or self.cfg.name
+
+    def export(self, out_dir: Path, step: int) -> list[Path]:
+        emb = self.embedding(step)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"{self.file_stem}.safetensors"]
+        save_safetensors(emb, paths[0])
+        if self.model.family.arch != "sdxl":  # the A1111 .pt and PNG formats hold one text encoder's vectors
+            paths.append(out_dir / f"{self.file_stem}.pt")
+            save_a1111_pt(emb, paths[-1])
+            (preview,) = self._render([self.preview_prompts()[0]], [self.cfg.preview.seed])
+            paths.append(out_dir / f"{self.file_stem}.png")
+            save_png_embedding(emb, preview, paths[-1])
+        return paths
+
+    def preview_prompts(self) -> list[str]:
+        if self.cfg.preview.prompts:
+            return [p.replace("[name]", self.cfg.token) for p in self.cfg.preview.prompts]
+        rng = random.Random(self.cfg.preview.seed)
+        count = min(4, len(self.captions))
+        return [self.templates.render(self.cfg.token, self.captions[i], rng) for i in range(count)]
+
+    def _settings(self) -> GenerationSettings:
+        p = self.cfg.preview
+        return GenerationSettings(
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            sampler=p.sampler,
+            width=self.resolution,
+            height=self.resolution,
+            negative_prompt=p.negative_prompt,
+        )
+
+    def _render(self, prompts: list[str], seeds: list[int]):
+        expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
+        return generate(self.model, expanded, seeds, self._settings())
+
+    def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
+        prompts = self.preview_prompts()
+        seeds = [self.cfg.preview.seed + i for i in range(len(prompts))]
+        images = self._render(prompts, seeds)
+        texts = [
+            infotext(self.model, p, s, self._settings(), None, self.base_path.stem)
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+        paths = save_images(images, texts, out_dir)
+        return paths, save_png(grid(images), out_dir / "grid.png")
+
+
+def setup(cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> TextualInversionJob:
+    """Build the job for ``cfg`` (loads the model and data; raises one-line errors for bad input)."""
+    return TextualInversionJob(cfg, accelerator, console)

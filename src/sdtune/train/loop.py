@@ -1,0 +1,239 @@
+"""The training loop: written once, used by every method.
+
+A method hands the loop a :class:`Job` (what is trained, its loss, how to save it); the loop owns everything
+else: data order, per-sample randomness, gradient accumulation, gradient averaging across processes, clipping,
+the NaN guard, learning-rate schedules, checkpoints, resume, previews and events.
+
+Exact resume: the example order is a pure function of (seed, epoch), and every sample's noise, timestep and
+caption choice comes from a generator seeded by (seed, its global position in the example stream). A run
+resumed from a checkpoint therefore replays exactly what an uninterrupted run would have done, and 2 processes
+x batch B see the same samples with the same noise as 1 process x batch 2B.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from sdtune.config.methods import RunBase
+from sdtune.core.errors import TrainingError
+from sdtune.core.events import CheckpointSaved, EventBus, RunFailed, RunFinished, RunStarted, SampleSaved, StepEnd
+from sdtune.train.optim import LearningRate, make_optimizer
+from sdtune.train.plots import plot_loss
+from sdtune.train.rundir import RunDir
+
+
+class Job(Protocol):
+    """What a training method gives the loop."""
+
+    initial_step: int  # steps already done before this run (e.g. an embedding file's step count)
+
+    def trainable_parameters(self) -> list[dict]:
+        """Parameter groups for the optimizer: ``{"params": [...], "lr": base rate}``."""
+
+    def num_examples(self) -> int:
+        """Number of training examples (before repeats)."""
+
+    def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        """Mean loss over the examples ``indices``; sample i draws all its randomness from ``generators[i]``."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to freeze something on a schedule)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable state, for checkpoints."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def export(self, out_dir: Path, step: int) -> list[Path]:
+        """Write the artifacts users load elsewhere; return their paths."""
+
+    def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
+        """Render preview images into ``out_dir``; return (paths, grid path)."""
+
+
+@dataclass
+class ExampleStream:
+    """Example k of the endless stream: epoch ``k // (n * repeats)``, shuffled per epoch from the seed."""
+
+    n: int
+    repeats: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch_length(self) -> int:
+        return self.n * self.repeats
+
+    def index(self, k: int) -> int:
+        epoch, pos = divmod(k, self.epoch_length)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = rng.permutation(self.epoch_length) % self.n
+            self._epoch = epoch
+        return int(self._order[pos])
+
+
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of the sample at global stream ``position``: independent of batching and processes."""
+    state = np.random.SeedSequence([seed, position]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _grad_norm(params: list[torch.nn.Parameter], mode: str, value: float) -> float:
+    """Clip as configured and return the total gradient norm before clipping (NaN/inf when gradients are)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if mode == "value":
+        norm = torch.nn.utils.clip_grad_norm_(grads, float("inf"))
+        torch.nn.utils.clip_grad_value_(grads, value)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(grads, value if mode == "norm" else float("inf"))
+    return float(norm)
+
+
+def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator) -> list[Path]:
+    """Train ``job`` to ``cfg.train.max_steps`` (resuming from the run's latest checkpoint); return output paths."""
+    t, main = cfg.train, accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batch, accum = cfg.data.batch_size, t.grad_accum
+    per_step = batch * world * accum  # examples per optimizer step: effective batch
+    groups = job.trainable_parameters()
+    params = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(groups, cfg.optimizer)
+    if main:
+        run.ensure()
+
+    # 1. resume: trainable weights, optimizer, step and RNG from the newest complete checkpoint
+    start, last_checkpoint = getattr(job, "initial_step", 0), None
+    if (checkpoint := run.latest_checkpoint()) is not None:
+        trainable, opt_state, state, rng = checkpoint.load()
+        job.load_state_dict(trainable)
+        optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng["torch"])
+        start, last_checkpoint = int(state["step"]), checkpoint.path
+        if main:
+            run.truncate_metrics(start)
+            run.log(f"resumed from {checkpoint.path} at step {start}")
+    if start >= t.max_steps:
+        raise TrainingError(f"train.max_steps: the run is already at step {start}; raise max_steps to train further")
+    lr = LearningRate(optimizer, cfg.optimizer, cfg.schedule, t.max_steps, start)
+    stream = ExampleStream(job.num_examples(), cfg.data.repeats, t.seed)
+
+    def save_checkpoint(step: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        if not main:
+            return None
+        rng = {"torch": torch.get_rng_state()}
+        path = run.save_checkpoint(
+            step,
+            job.state_dict(),
+            optimizer.state_dict(),
+            {"step": step, "epoch": epoch(step)},
+            rng,
+            export=lambda d: job.export(d, step),
+            keep_last=cfg.save.keep_last,
+        )
+        plot_loss(run)
+        run.log(f"checkpoint {path}")
+        bus.emit(CheckpointSaved(step, str(path)))
+        return path
+
+    def preview(step: int) -> None:
+        if main:
+            paths, grid = job.preview(run.samples / f"step-{step}", step)
+            bus.emit(SampleSaved(step, tuple(map(str, paths)), str(grid) if grid else None))
+
+    def epoch(step: int) -> int:
+        return step * per_step // stream.epoch_length + 1
+
+    if main:
+        run.log(f"training {cfg.method} from step {start} to {t.max_steps}, effective batch {per_step}")
+    bus.emit(RunStarted(str(run.root), cfg.method, start, t.max_steps))
+    if start == 0 and cfg.preview.before_training:
+        preview(0)
+
+    step, reason = start, "max steps reached"
+    while step < t.max_steps:
+        rate = lr.set(step)
+        if lr.finished:  # an A1111 schedule string that ends before max_steps ends training
+            reason = "learning-rate schedule ended"
+            break
+        tic = time.perf_counter()
+        total = torch.zeros((), device=accelerator.device)
+        # 2. micro-batches: this process takes its slice of each micro-batch of the global stream
+        for micro in range(accum):
+            first = step * per_step + micro * batch * world + rank * batch
+            positions = range(first, first + batch)
+            indices = [stream.index(k) for k in positions]
+            generators = [sample_generator(t.seed, k) for k in positions]
+            with accelerator.autocast():
+                loss = job.loss(indices, generators)
+            (loss / accum).backward()
+            total += loss.detach().float() / accum
+        # 3. average gradients over processes (small trainables: one all-reduce each, no DDP wrapper needed)
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            total = accelerator.reduce(total, reduction="mean")
+        # 4. NaN guard: never step on a non-finite loss or gradient; the last checkpoint stays as it was
+        grad_norm = _grad_norm(params, t.clip_grad, t.clip_value)
+        loss_value = float(total)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            message = (
+                f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm}; stopped without "
+                f"updating. Last good checkpoint: {last_checkpoint or 'none'}. Lower optimizer.lr or use "
+                "train.clip_grad: norm"
+            )
+            if main:
+                run.log(message)
+            bus.emit(RunFailed(step + 1, message, str(last_checkpoint) if last_checkpoint else None))
+            raise TrainingError(message)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        job.after_step()
+        step += 1
+        speed = per_step / max(time.perf_counter() - tic, 1e-9)
+        if main:
+            run.append_metrics(
+                {
+                    "step": step,
+                    "epoch": epoch(step),
+                    "loss": loss_value,
+                    "lr": rate,
+                    "images_per_second": round(speed, 3),
+                    "grad_norm": round(grad_norm, 6),
+                }
+            )
+        bus.emit(StepEnd(step, t.max_steps, epoch(step), loss_value, rate, speed, grad_norm))
+        if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < t.max_steps:
+            last_checkpoint = save_checkpoint(step) or last_checkpoint
+        if cfg.preview.every_n_steps and step % cfg.preview.every_n_steps == 0 and step < t.max_steps:
+            preview(step)
+
+    # 5. the end: a resumable checkpoint, the exported files, final previews
+    save_checkpoint(step)
+    outputs: list[Path] = []
+    if main:
+        outputs = job.export(run.output, step)
+        run.log(f"finished at step {step} ({reason}); outputs: {', '.join(map(str, outputs))}")
+    preview(step)
+    bus.emit(RunFinished(step, tuple(map(str, outputs)), reason))
+    return outputs
+
+
+SetupFn = Callable[..., Job]

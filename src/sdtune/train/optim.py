@@ -1,0 +1,105 @@
+"""Optimizers and learning-rate schedules, built from the config.
+
+The learning rate is a pure function of the step (diffusers' schedule lambdas, or AUTOMATIC1111's ``rate:step``
+string), so resuming at step N needs no scheduler state: the same step gives the same rate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from sdtune.config.blocks import OptimizerConfig, ScheduleConfig
+from sdtune.config.rate_schedule import RateSchedule
+from sdtune.core.errors import TrainingError
+
+
+def _require(package: str, name: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise TrainingError(
+            f"optimizer.name: {name} needs the '{package}' package; pip install {package} "
+            "(or use optimizer.name: adamw)"
+        )
+
+
+def make_optimizer(groups: Sequence[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """An optimizer over parameter ``groups``; each group's ``lr`` is its base rate (already scaled)."""
+    groups = [dict(g) for g in groups]
+    if cfg.name == "adamw":
+        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(
+            groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True if on_gpu else None
+        )
+    if cfg.name == "adamw8bit":
+        _require("bitsandbytes", "adamw8bit")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "prodigy":
+        _require("prodigyopt", "prodigy")
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+class LearningRate:
+    """Sets each group's learning rate for a step; ``finished`` when an A1111 schedule string has ended."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        opt_cfg: OptimizerConfig,
+        sched_cfg: ScheduleConfig,
+        max_steps: int,
+        start_step: int = 0,
+    ) -> None:
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]
+        self.scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+        self.string: RateSchedule | None = None
+        self.factor = None
+        if isinstance(opt_cfg.lr, str):
+            self.string = RateSchedule(opt_cfg.lr, max_steps, cur_step=start_step)
+        else:
+            scheduler = get_scheduler(
+                sched_cfg.name,
+                optimizer,
+                num_warmup_steps=sched_cfg.warmup_steps,
+                num_training_steps=max_steps,
+                num_cycles=sched_cfg.num_cycles,
+                power=sched_cfg.power,
+            )
+            self.factor = scheduler.lr_lambdas[0]
+        self.finished = False
+        self.current = 0.0
+
+    @property
+    def final_step(self) -> int | None:
+        """Step at which an A1111 schedule ends training (None for diffusers schedules)."""
+        return self.string.final_step if self.string is not None else None
+
+    def set(self, step: int) -> float:
+        """Apply the rate for optimizer step ``step`` (0-based) and return the first group's rate."""
+        if self.string is not None:
+            rate = self.string.rate_at(step)
+            if rate is None:
+                self.finished = True
+                return self.current
+            rates = [rate * s for s in self.scales]
+        else:
+            f = self.factor(step)
+            rates = [b * f for b in self.base]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        self.current = rates[0]
+        return self.current

@@ -222,7 +222,7 @@ def one_line_error(exc_type: type[SdtuneError], path: Path, *needles: str, **kwa
 
 def test_text_file_named_pt(tmp_path):
     (tmp_path / "notes.pt").write_text("hello, I am not a tensor\n")
-    one_line_error(DataError, tmp_path / "notes.pt", "not a PyTorch file")
+    one_line_error(DataError, tmp_path / "notes.pt", "not a PyTorch embedding file")
 
 
 class _Payload:

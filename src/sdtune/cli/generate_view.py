@@ -22,7 +22,9 @@ def run_generate(
     height: int | None,
     out: Path,
     console: Console,
+    embeddings: list[Path] = (),
 ) -> None:
+    """Load, apply embeddings, generate with fixed seeds, save PNGs with infotext and a grid."""
     from sdtune.formats.hashes import a1111_short_hash
     from sdtune.inference.generate import GenerationSettings, generate, grid, infotext, save_images
     from sdtune.inference.infotext import save_png
@@ -34,20 +36,33 @@ def run_generate(
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and value % 8:
             raise SdtuneError(f"{name}: must be a multiple of 8 (got {value}); e.g. 512")
+    from sdtune.adapters.token_embedding import apply_embedding, expand_token
+    from sdtune.formats.embeddings import check_width, load_embedding
+
     path = resolve_path(model)
     components = load_model(path)
+    written = list(prompts)  # what the user typed: it goes into the infotext
+    for file in embeddings:  # A1111 convention: the embedding's name is the trigger word
+        emb = load_embedding(file)
+        check_width(emb, tuple(e.get_input_embeddings().embedding_dim for e in components.text_encoders), file)
+        keys = ("clip_l", "clip_g") if emb.is_sdxl else ("text_encoder",)
+        try:
+            apply_embedding(components.tokenizers, components.text_encoders, emb.name, [emb.vectors[k] for k in keys])
+        except ValueError as exc:
+            raise SdtuneError(f"{file}: {exc}; rename the file to use another trigger word") from None
+        prompts = [expand_token(p, emb.name, emb.num_vectors) for p in prompts]
+        console.print(f"embedding {file}: write '{emb.name}' in prompts ({emb.num_vectors} vectors)", highlight=False)
     settings = GenerationSettings(
         steps=steps, cfg_scale=cfg, sampler=sampler, width=width, height=height, negative_prompt=negative
     )
     texts = [p for p in prompts for _ in range(n)]
+    shown = [p for p in written for _ in range(n)]
     seeds = [seed + i for i in range(len(texts))]
     with console.status(f"generating {len(texts)} images"):
         images = generate(components, texts, seeds, settings)
     model_hash = a1111_short_hash(path) if path.is_file() else None
-    infos = [
-        infotext(components, t, s, settings, model_hash, path.stem if model != "builtin" else "sdtune-builtin")
-        for t, s in zip(texts, seeds, strict=True)
-    ]
+    name = path.stem if model != "builtin" else "sdtune-builtin"
+    infos = [infotext(components, t, s, settings, model_hash, name) for t, s in zip(shown, seeds, strict=True)]
     paths = save_images(images, infos, out)
     sheet = save_png(grid(images, columns=n if n > 1 else None), out / "grid.png")
     for p in paths:

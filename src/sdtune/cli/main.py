@@ -92,11 +92,12 @@ def generate_cmd(
     width: int | None = typer.Option(None, help="Width in pixels (default: the model's native size)."),
     height: int | None = typer.Option(None, help="Height in pixels (default: the model's native size)."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for the PNGs (with A1111 infotext) and grid."),
+    embedding: list[Path] = typer.Option([], help="Textual-inversion file(s); its name is the word to use in prompts."),
 ) -> None:
     """Generate images; each PNG carries A1111-style parameters, and a grid.png shows them all."""
     from sdtune.cli.generate_view import run_generate
 
-    run_generate(prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console)
+    run_generate(prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console, embedding)
 
 
 builtin_app = typer.Typer(help="The built-in shapes-world base model.", no_args_is_help=True)

@@ -60,6 +60,9 @@ class DataConfig(StrictModel):
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
     """VAE latents: `once` samples the posterior once and caches it, `deterministic` caches its mean,
     `random` samples anew every step (A1111's 'latent sampling method')."""
+    cache_latents: bool = True
+    """Encode each image with the VAE once and reuse the latents (fast). Off: encode every time an image is used
+    (slower; only worth it to compare speeds)."""
     batch_size: int = Field(1, ge=1, examples=[4])
     """Images per step (per process). Effective batch = batch_size x grad_accum x processes."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +49,22 @@ def write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
 def write_text(dest: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 ``text`` to ``dest`` atomically."""
     write_bytes(dest, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder next to ``dest``; on success it replaces ``dest`` (renamed), on error it is removed.
+
+    Readers either see the old folder, the new one, or (briefly) none; never a half-written one.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sdtune.core.errors import DataError
 
-TEMPLATE_SETS = ("subject", "style", "subject_filewords", "style_filewords", "none")
+TEMPLATE_SETS = ("subject", "style", "subject_filewords", "style_filewords", "none", "filewords")
 
 _PLACEHOLDER = re.compile(r"\[(name|filewords)\]")
 _SPACES = re.compile(r"\s+")

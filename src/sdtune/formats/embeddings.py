@@ -18,7 +18,6 @@ Pickles are only ever read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 from sdtune.core.atomic import atomic_path
 from sdtune.core.errors import DataError, ModelError, SdtuneError
+from sdtune.core.safe_load import load_torch_file
 from sdtune.models.checkpoint_io import safetensors_header
 
 SINGLE = "text_encoder"
@@ -236,25 +236,9 @@ def embedding_from_dict(
 
 
 def _torch_load(path: Path) -> Any:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    # zip container (torch >= 1.6) or a legacy pickle (protocol 2+ starts with 0x80); anything else is not torch.
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise DataError(f"{path}: not a PyTorch file (unknown contents); expected an embedding .pt/.bin")
-    try:
-        # The original TI repo pickled an nn.ParameterDict. Allowing that one class is safe: its contents
-        # still go through the weights-only unpickler, which refuses anything but tensors and containers.
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).split("\n")[0][:160]
-        raise DataError(
-            f"{path}: refused to unpickle: the file would import or run code ({reason}); "
-            "use a .safetensors embedding or convert it with a tool you trust"
-        ) from None
-    except Exception as exc:  # corrupt zip, truncated file, odd pickles: torch raises many types
-        reason = (str(exc).split("\n")[0] or type(exc).__name__)[:160]
-        raise DataError(f"{path}: not a readable PyTorch file ({reason}); re-download or re-export it") from None
+    # The original TI repo pickled an nn.ParameterDict: allowing that one class is safe, its contents still
+    # go through the weights-only unpickler, which refuses anything but tensors and containers.
+    return load_torch_file(path, DataError, "embedding file", allowed_globals=[torch.nn.ParameterDict])
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

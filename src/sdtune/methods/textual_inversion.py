@@ -32,7 +32,7 @@ from sdtune.adapters.token_embedding import (
     token_names,
 )
 from sdtune.config.methods import TextualInversionConfig
-from sdtune.core.errors import ConfigError
+from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import (
     CaptionOptions,
     LatentCache,
@@ -78,13 +78,22 @@ class TextualInversionJob:
             caption_for(p, cfg.data.caption_extension, cfg.data.filename_word_regex, cfg.data.filename_join)
             for p in paths
         ]
-        self.templates = load_templates(cfg.data.template, require_name=True)
+        # the token must reach the prompts: through [name] in the templates, or written in every caption
+        self.templates = load_templates(cfg.data.template, require_name=False)
+        if not any("[name]" in line for line in self.templates.lines) and not all(
+            cfg.token in c for c in self.captions
+        ):
+            raise DataError(
+                f"{self.templates.source}: no template line contains [name] and the captions do not all "
+                f"contain {cfg.token}, so the token would never be trained; add [name] to the templates"
+            )
         self.caption_options = CaptionOptions(
             cfg.data.shuffle_tags, cfg.data.keep_tags, cfg.data.tag_dropout, cfg.data.caption_dropout
         )
+        self.images = None if cfg.data.cache_latents else images  # uncached: the VAE encodes every step
         self.latents = LatentCache.encode(
             self.model.vae,
-            images,
+            images if cfg.data.cache_latents else images[:1],
             cfg.data.latent_sampling,
             torch.Generator().manual_seed(cfg.train.seed),
             flip=cfg.data.flip,
@@ -151,9 +160,19 @@ class TextualInversionJob:
         text = self.templates.render(self.cfg.token, filewords, rng)
         return expand_token(text, self.cfg.token, self.cfg.num_vectors)
 
+    def encode(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        """Latents of the examples: from the cache, or (``data.cache_latents: false``) through the VAE now."""
+        if self.images is None:
+            return torch.cat([self.latents.get([i], g) for i, g in zip(indices, generators, strict=True)])
+        vae = self.model.vae
+        with torch.no_grad():
+            dist = vae.encode(self.images[indices]).latent_dist
+            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
+            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
         device = self.tables[0].extra.device
-        latents = torch.cat([self.latents.get([i], g) for i, g in zip(indices, generators, strict=True)]).to(device)
+        latents = self.encode(indices, generators).to(device)
         prompts = [
             self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
             for i, g in zip(indices, generators, strict=True)

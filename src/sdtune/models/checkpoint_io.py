@@ -9,7 +9,6 @@ which refuses any pickle that would import or call code.
 from __future__ import annotations
 
 import json
-import pickle
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 
 from sdtune.core.atomic import atomic_path
 from sdtune.core.errors import ModelError
+from sdtune.core.safe_load import load_torch_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -95,29 +95,14 @@ def read_checkpoint(path: str | Path, *, device: str = "cpu") -> tuple[dict[str,
 
 
 def _read_pickle(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch zip archive, or a raw pickle
-        raise ModelError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses globals it does not know: the file wants to run or import code.
-        reason = str(exc).split("\n")[0][:200]
-        raise ModelError(
-            f"{path}: refused to load: this pickle would import or run code ({reason}); "
-            "use a .safetensors file or convert it with a tool you trust"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler fails in many ways on damaged files
-        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+    obj = load_torch_file(path, ModelError, "checkpoint")
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     meta = obj.get("sdtune_metadata")
     metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, Mapping) else {}
     if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # the LDM / A1111 .ckpt wrapper
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
+    return {k: v.to(device) for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
 
 
 def write_state_dict(

@@ -8,8 +8,6 @@ precision. The folder is written under a temporary name and renamed, so a crash 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from sdtune.core.atomic import atomic_dir
 from sdtune.core.errors import ModelError
 from sdtune.models.components import TEXT_ENCODER_NAMES, TOKENIZER_NAMES, SDComponents
 from sdtune.models.family import ModelFamily, detect_diffusers_folder
@@ -65,9 +64,7 @@ def save_diffusers_folder(
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise ModelError(f"{dest}: already exists; choose another output path or allow overwriting")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         index = json.loads((config_dir(components.family) / "model_index.json").read_text(encoding="utf-8"))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         for name, module in components.modules().items():
@@ -89,10 +86,4 @@ def save_diffusers_folder(
         (tmp / "scheduler").mkdir()
         scheduler = dict(components.scheduler_config, prediction_type=components.family.prediction_type)
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2), encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -63,3 +63,30 @@ def encode_tokens(components: SDComponents, ids: Sequence[torch.Tensor]) -> Cond
 
 def encode_prompts(components: SDComponents, prompts: Sequence[str]) -> Conditioning:
     return encode_tokens(components, tokenize(components, prompts))
+
+
+class TextCache:
+    """Conditioning of fixed prompts computed once, for runs whose text encoders are frozen.
+
+    Captions that never change (no shuffling, dropout or trained tokens) give the same conditioning every step,
+    so it is computed on first use and kept (on CPU); ``encoded`` counts prompts that went through the encoders.
+    """
+
+    def __init__(self, components: SDComponents) -> None:
+        self.components = components
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.encoded = 0
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
+        if missing:
+            cond = encode_prompts(self.components, missing)
+            for i, prompt in enumerate(missing):
+                pooled = cond.pooled[i].cpu() if cond.pooled is not None else None
+                self.store[prompt] = (cond.context[i].cpu(), pooled)
+            self.encoded += len(missing)
+        device = self.components.unet.device
+        context = torch.stack([self.store[p][0] for p in prompts]).to(device)
+        pooled = [self.store[p][1] for p in prompts]
+        return Conditioning(context, torch.stack(pooled).to(device) if pooled[0] is not None else None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdtune.core.atomic import write_text
+from sdtune.core.atomic import atomic_dir, write_text
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -117,8 +116,7 @@ class RunDir:
     ) -> Path:
         """Write ``checkpoints/step-<step>/`` atomically; ``export(dir)`` may add exported files; prune old ones."""
         final = self.checkpoints / f"step-{step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=self.checkpoints))
-        try:
+        with atomic_dir(final) as tmp:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors")
             )
@@ -126,13 +124,7 @@ class RunDir:
             torch.save(rng, tmp / "rng.pt")
             if export is not None:
                 export(tmp / "export")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # written last
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         for old in self.list_checkpoints()[:-keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
         return final

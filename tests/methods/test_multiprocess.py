@@ -1,0 +1,77 @@
+"""The same loop under 2 processes (torchrun, gloo on CPU): 2 x batch B == 1 x batch 2B; only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+
+def _config(tmp_path, name, model, data, batch):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "textual_inversion",
+                "name": name,
+                "output_dir": str(tmp_path / "runs"),
+                "token": "<thing>",
+                "num_vectors": 2,
+                "init_text": "red",
+                "model": {"base": str(model)},
+                "data": {"path": str(data), "template": "subject_filewords", "batch_size": batch, "tag_dropout": 0.3},
+                "optimizer": {"lr": 0.01},
+                "train": {"max_steps": 6, "seed": 5},
+                "save": {"every_n_steps": 3},
+                "preview": {"before_training": False, "steps": 2},
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_checkpoint, image_folder):
+    model = tiny_checkpoint("sd1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli.main", "train", str(_config(tmp_path, "one", model, image_folder, 4))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "sdtune.cli.main",
+            "train",
+            str(_config(tmp_path, "two", model, image_folder, 2)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    a = load_file(tmp_path / "runs" / "one" / "checkpoints" / "step-6" / "trainable.safetensors")
+    b = load_file(tmp_path / "runs" / "two" / "checkpoints" / "step-6" / "trainable.safetensors")
+    start = load_file(tmp_path / "runs" / "one" / "checkpoints" / "step-3" / "trainable.safetensors")
+    for key in a:
+        assert (a[key] - start[key]).abs().max() > 1e-4  # it trained
+        assert (a[key] - b[key]).abs().max() < 1e-5, key  # same samples, same noise, same averaged gradients
+    rows = (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 6  # rank 1 wrote nothing
+    assert (tmp_path / "runs" / "two" / "events.log").read_text().count("finished at step 6") == 1

@@ -1,0 +1,86 @@
+"""A textual-inversion run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+STEPS, EVERY = 60, 5
+
+
+def _config(tmp_path: Path, name: str, model: Path, data: Path) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "textual_inversion",
+                "name": name,
+                "output_dir": str(tmp_path / "runs"),
+                "token": "<thing>",
+                "num_vectors": 2,
+                "init_text": "red",
+                "model": {"base": str(model)},
+                "data": {
+                    "path": str(data),
+                    "template": "subject_filewords",
+                    "batch_size": 2,
+                    "latent_sampling": "random",
+                },
+                "optimizer": {"lr": 0.01},
+                "train": {"max_steps": STEPS, "seed": 3},
+                "save": {"every_n_steps": EVERY, "keep_last": 20},
+                "preview": {"before_training": False, "steps": 2},
+            }
+        )
+    )
+    return path
+
+
+def _sdtune(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdtune.cli.main", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint, image_folder):
+    model = tiny_checkpoint("sd1")
+    whole = _sdtune("train", str(_config(tmp_path, "whole", model, image_folder)))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    killed_cfg = _config(tmp_path, "killed", model, image_folder)
+    proc = _sdtune("train", str(killed_cfg))
+    first = tmp_path / "runs" / "killed" / "checkpoints" / f"step-{EVERY}" / "state.json"
+    deadline = time.time() + 240
+    while not first.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "runs" / "killed"
+    assert not (run / "output" / "thing.safetensors").exists(), "killed too late: the run had finished"
+
+    resumed = _sdtune("train", str(killed_cfg), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_file(tmp_path / "runs" / "whole" / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors")
+    b = load_file(run / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() == 0, key  # bit-exact: every random draw is replayed
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))

@@ -36,13 +36,25 @@ from sdtune.train.rundir import RunDir
 
 
 def sdtune_rate(data: Path, work: Path, batch: int, steps: int, warmup: int, cache: bool) -> float:
-    cfg = TextualInversionConfig.model_validate({
-        "method": "textual_inversion", "name": f"b{batch}{cache}", "output_dir": str(work), "token": TOKEN,
-        "num_vectors": 2, "init_text": "heart",
-        "data": {"path": str(data), "template": str(data.parent / "template.txt"), "batch_size": batch,
-                 "cache_latents": cache},
-        "optimizer": {"lr": 5e-3}, "train": {"max_steps": warmup + steps}, "preview": {"before_training": False},
-    })
+    cfg = TextualInversionConfig.model_validate(
+        {
+            "method": "textual_inversion",
+            "name": f"b{batch}{cache}",
+            "output_dir": str(work),
+            "token": TOKEN,
+            "num_vectors": 2,
+            "init_text": "heart",
+            "data": {
+                "path": str(data),
+                "template": str(data.parent / "template.txt"),
+                "batch_size": batch,
+                "cache_latents": cache,
+            },
+            "optimizer": {"lr": 5e-3},
+            "train": {"max_steps": warmup + steps},
+            "preview": {"before_training": False},
+        }
+    )
     times: list[float] = []
     bus = EventBus()
     bus.subscribe(lambda e: times.append(time.perf_counter()) if isinstance(e, StepEnd) else None)

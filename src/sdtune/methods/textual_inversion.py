@@ -80,9 +80,8 @@ class TextualInversionJob:
         ]
         # the token must reach the prompts: through [name] in the templates, or written in every caption
         self.templates = load_templates(cfg.data.template, require_name=False)
-        if not any("[name]" in line for line in self.templates.lines) and not all(
-            cfg.token in c for c in self.captions
-        ):
+        named = any("[name]" in line for line in self.templates.lines)
+        if not named and not all(cfg.token in c for c in self.captions):
             raise DataError(
                 f"{self.templates.source}: no template line contains [name] and the captions do not all "
                 f"contain {cfg.token}, so the token would never be trained; add [name] to the templates"

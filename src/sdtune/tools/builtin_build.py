@@ -7,7 +7,9 @@ Recipe (all seeded; every stage saves its state, so the build can run in short p
    encode them once with the VAE posterior mean, set the VAE scaling factor to 1 / std of the latents.
 3. **UNet + text encoder**: train both jointly from scratch with SD 1.x's noise schedule and epsilon target,
    10 % empty captions (for classifier-free guidance), EMA of the weights; the EMA weights are exported.
-4. **Evaluate**: sample the base-prompt set with DDIM and score every image with the world's scorer.
+4. **Decoder**: fine-tune the VAE decoder alone with the encoder frozen (as Stability's ft-MSE VAE did): the
+   latents do not change, so the UNet stays valid, and reconstructions get sharper edges.
+5. **Evaluate**: sample the base-prompt set with DDIM and score every image with the world's scorer.
 
 This is pre-training, not a fine-tuning method, so it has its own short loop instead of ``train/``.
 """
@@ -50,7 +52,9 @@ class BuildSettings:
     unet_lr: float = 6e-4
     warmup: int = 200
     caption_dropout: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # reached after warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t))
+    decoder_steps: int = 1500  # then the VAE decoder alone is fine-tuned on the frozen encoder's latents
+    decoder_lr: float = 5e-4
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 50
@@ -109,6 +113,8 @@ class Build:
                 self._encode_pool()
             elif stage == "unet":
                 self._train_unet(deadline)
+            elif stage == "decoder":
+                self._train_decoder(deadline)
             else:
                 return True
         return self.state["stage"] == "done"
@@ -199,10 +205,11 @@ class Build:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            decay = min(s.ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA forgets the random init
             with torch.no_grad():
                 for n, m in ema.items():
                     for pe, p in zip(m.parameters(), self.modules[n].parameters(), strict=True):
-                        pe.lerp_(p, 1.0 - s.ema_decay)
+                        pe.lerp_(p, 1.0 - decay)
             step += 1
             if step % s.log_every == 0:
                 self._log("unet", step, s.unet_steps, loss.item(), t0)
@@ -213,10 +220,40 @@ class Build:
         if step >= s.unet_steps:
             for n, m in ema.items():  # the EMA weights are the model
                 self.modules[n].load_state_dict(m.state_dict())
-            self.state.update(stage="done", step=0)
+            self.state.update(stage="decoder", step=0)
             self._save({})
         else:
             self._save({"optimizer": opt.state_dict(), "ema": {n: m.state_dict() for n, m in ema.items()}})
+
+    def _train_decoder(self, deadline: float) -> None:
+        vae, s = self.modules["vae"], self.s
+        decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        opt = torch.optim.AdamW(decoder, lr=s.decoder_lr, weight_decay=0.0)
+        payload = getattr(self, "_resume_payload", {})
+        if self.state["step"] and "optimizer" in payload:
+            opt.load_state_dict(payload["optimizer"])
+        rng = np.random.default_rng([s.seed, 2, self.state["step"]])
+        t0, step = time.time(), self.state["step"]
+        self._chunk_start = step
+        while step < s.decoder_steps and time.time() < deadline:
+            scenes = list(base_training_examples(s.vae_batch, seed=int(rng.integers(1 << 31))))
+            x = _images_to_tensor([render(scene) for scene, _ in scenes])
+            with torch.no_grad():  # the encoder is frozen: the UNet's latents stay what it was trained on
+                latents = vae.encode(x).latent_dist.mean
+            recon = vae.decode(latents).sample
+            loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % s.log_every == 0:
+                self._log("decoder", step, s.decoder_steps, loss.item(), t0)
+        self.state["step"] = step
+        if step >= s.decoder_steps:
+            self.state.update(stage="done", step=0)
+            self._save({})
+        else:
+            self._save({"optimizer": opt.state_dict()})
 
     def _log(self, stage: str, step: int, total: int, loss: float, t0: float) -> None:
         done = step - self._chunk_start  # steps since this piece of the build started

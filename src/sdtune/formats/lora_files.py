@@ -1,0 +1,293 @@
+"""LoRA-family adapters between sdtune's PEFT state and the files other tools load.
+
+sdtune holds an adapter, per component (``unet``, ``text_encoder``, ``text_encoder_2``), as PEFT's adapter
+state dict (``peft.get_peft_model_state_dict``) plus its PEFT config. This module converts that to and from
+
+- the kohya / LyCORIS layout (``lora_unet_<module>.lora_down.weight`` ...; names in
+  :mod:`sdtune.formats.lora_keys`) that A1111, ComfyUI, sd-scripts, LyCORIS and diffusers' kohya converter
+  (``diffusers/loaders/lora_conversion_utils.py``) read, and
+- the diffusers PEFT layout (``unet.<module>.lora_A.weight`` with ``lora_adapter_metadata``) that
+  ``pipe.load_lora_weights`` reads natively.
+
+Tensor conventions (kohya ``networks/lora.py``; LyCORIS ``lycoris/modules/{locon,loha,lokr}.py``):
+
+- LoRA/LoCon: ``lora_down`` = PEFT ``lora_A`` (``[r, in]`` or conv ``[r, in, k, k]``), ``lora_up`` = ``lora_B``
+  (``[out, r]`` or ``[out, r, 1, 1]``), ``alpha`` a 0-dim float; the update is ``alpha / r * up @ down``, so a
+  PEFT scale ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) is written as ``alpha = s * r``.
+- DoRA: LyCORIS ``dora_scale`` with ``wd_on_out=True`` (its default, and what its loader assumes): the
+  magnitude of each *output* row, shape ``[out, 1]`` (conv ``[out, 1, 1, 1]``) — PEFT's
+  ``lora_magnitude_vector`` (``[out]``, conv ``[1, out, 1, 1]``) reshaped. The older per-input-column
+  ``[1, in]`` convention (A1111's ``network.py``) is a different parametrisation and cannot be converted to.
+- LoHa: ``hada_w1_a [out, r]``, ``hada_w1_b [r, in*k*k]`` (same for ``w2``): PEFT's names and shapes.
+- LoKr: ``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b`` with PEFT's (= LyCORIS') factorisation.
+  When both factors are full matrices, LyCORIS, A1111 and ComfyUI ignore ``alpha`` (scale 1), so the PEFT scale
+  is multiplied into ``lokr_w2`` and ``alpha`` is written as 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig
+from peft.tuners.lokr.layer import factorization
+from peft.utils.other import get_pattern_key
+
+from sdtune.core.errors import ModelError
+from sdtune.formats.lora_keys import clip_module_path, kohya_module_name, kohya_name_table, unet_module_names_for
+from sdtune.formats.lora_metadata import (  # re-exported: the LoRA file API lives here
+    KOHYA_PARAM_NAMES,
+    PEFT_PARAM_NAMES,
+    detect_lora_layout,
+    kohya_metadata,
+    lora_summary,
+    module_algo,
+    save_lora,
+    split_param,
+)
+from sdtune.models.family import ModelFamily
+
+__all__ = [
+    "detect_lora_layout",
+    "from_kohya",
+    "kohya_metadata",
+    "lora_summary",
+    "peft_diffusers_metadata",
+    "save_lora",
+    "to_kohya",
+    "to_peft_diffusers",
+]
+
+PeftConfig = LoraConfig | LoHaConfig | LoKrConfig
+States = dict[str, dict[str, torch.Tensor]]
+
+
+def _group(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    names = tuple(names)
+    out: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, tensor in state.items():
+        module, param = split_param(key, names)
+        out[module][param] = tensor
+    return out
+
+
+def _peft_scale(config: PeftConfig, path: str, rank: int) -> float:
+    """The scale PEFT applies to module ``path`` (``peft/tuners/*/layer.py`` ``update_layer``)."""
+    alpha_default = config.lora_alpha if isinstance(config, LoraConfig) else config.alpha
+    alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), path), alpha_default)
+    if isinstance(config, LoKrConfig):  # LoKr's scale uses the configured rank even for full-matrix factors
+        rank = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), path), config.r)
+    if isinstance(config, LoraConfig) and config.use_rslora:
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def to_kohya(
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    configs: Mapping[str, PeftConfig],
+    family: ModelFamily,
+    unet_config: Mapping[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS tensors of PEFT adapter states (one state dict and config per component)."""
+    out: dict[str, torch.Tensor] = {}
+    for component, state in states.items():
+        config = configs[component]
+        for path, p in _group(state, PEFT_PARAM_NAMES).items():
+            name = kohya_module_name(component, path, family, unet_config)
+            algo = module_algo(p)
+            if {"hada_t1", "lokr_t2"} & p.keys():
+                raise ModelError(f"'{path}' uses PEFT's use_effective_conv2d (Tucker), which sdtune does not export")
+            if algo in ("lora", "dora"):
+                rank = p["lora_A.weight"].shape[0]
+                out[f"{name}.lora_down.weight"] = p["lora_A.weight"]
+                out[f"{name}.lora_up.weight"] = p["lora_B.weight"]
+                alpha = _peft_scale(config, path, rank) * rank
+                if algo == "dora":
+                    up = p["lora_B.weight"]
+                    magnitude = p.get("lora_magnitude_vector", p.get("lora_magnitude_vector.weight"))
+                    out[f"{name}.dora_scale"] = magnitude.reshape(-1, *[1] * (up.dim() - 1))
+            elif algo == "loha":
+                rank = p["hada_w1_b"].shape[0]
+                out.update({f"{name}.{k}": v for k, v in p.items()})
+                alpha = _peft_scale(config, path, rank) * rank
+            else:
+                scale = _peft_scale(config, path, 1)  # LoKr: alpha / configured r
+                low_rank = p.get("lokr_w2_a", p.get("lokr_w1_a"))
+                out.update({f"{name}.{k}": v for k, v in p.items()})
+                if low_rank is None:  # both factors full: readers use scale 1, so bake PEFT's scale in
+                    out[f"{name}.lokr_w2"] = p["lokr_w2"] * scale
+                    alpha = 1.0
+                else:
+                    alpha = scale * low_rank.shape[1]
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def from_kohya(
+    tensors: Mapping[str, torch.Tensor],
+    family: ModelFamily,
+    unet_config: Mapping[str, Any],
+    module_names: Mapping[str, Iterable[str]],
+) -> tuple[States, dict[str, PeftConfig]]:
+    """PEFT adapter states and configs per component from kohya/LyCORIS tensors; the inverse of :func:`to_kohya`.
+
+    ``module_names`` gives each text encoder's adaptable module names (``named_modules()`` of the loaded model,
+    e.g. :func:`sdtune.formats.lora_keys.adaptable_module_names`); the UNet's default to its config's.
+    """
+    names = dict(module_names)
+    names.setdefault("unet", unet_module_names_for(unet_config))
+    table = kohya_name_table(family, names, unet_config)
+    grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = collections.defaultdict(dict)
+    unknown = []
+    for name, params in _group(tensors, KOHYA_PARAM_NAMES).items():
+        if name not in table:
+            unknown.append(name)
+            continue
+        component, path = table[name]
+        grouped[component][path] = params
+    if unknown:
+        raise ModelError(
+            f"{len(unknown)} LoRA modules match no module of this {family.name} model, e.g. '{unknown[0]}'; "
+            "is the file for another model family?"
+        )
+    states: States = {}
+    configs: dict[str, PeftConfig] = {}
+    for component, modules in grouped.items():
+        algos = {module_algo(p) for p in modules.values()}
+        if len(algos) > 1:
+            raise ModelError(f"{component} LoRA mixes algorithms ({', '.join(sorted(algos))}); PEFT needs one")
+        algo = algos.pop()
+        convert = _lokr_from_kohya if algo == "lokr" else _lora_from_kohya
+        states[component], configs[component] = convert(modules, algo)
+    return states, configs
+
+
+def _alpha(params: Mapping[str, torch.Tensor], rank: int) -> float:
+    # kohya networks/lora.py: a missing or zero alpha means alpha = rank (scale 1).
+    alpha = float(params["alpha"]) if "alpha" in params else 0.0
+    return alpha or float(rank)
+
+
+def _config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """Most common rank/alpha as defaults, the rest as PEFT ``rank_pattern`` / ``alpha_pattern`` (full paths)."""
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+    }
+
+
+def _lora_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: str) -> tuple[dict, PeftConfig]:
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, p in modules.items():
+        if any(k in p for k in ("lora_mid.weight", "hada_t1")):
+            raise ModelError(f"'{path}' uses LyCORIS' Tucker (CP) decomposition, which sdtune does not convert")
+        if algo == "loha":
+            ranks[path] = p["hada_w1_b"].shape[0]
+            state.update({f"{path}.{k}": p[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")})
+        else:
+            up = p["lora_up.weight"]
+            ranks[path] = p["lora_down.weight"].shape[0]
+            state[f"{path}.lora_A.weight"] = p["lora_down.weight"]
+            state[f"{path}.lora_B.weight"] = up
+            if algo == "dora":
+                scale = p["dora_scale"]
+                if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:
+                    raise ModelError(
+                        f"'{path}' has a per-input-column dora_scale {tuple(scale.shape)} (old LyCORIS "
+                        "wd_on_output=False); PEFT's DoRA normalises output rows and cannot load it"
+                    )
+                shape = (-1,) if up.dim() == 2 else (1, -1, *[1] * (up.dim() - 2))
+                state[f"{path}.lora_magnitude_vector"] = scale.reshape(shape)
+        alphas[path] = _alpha(p, ranks[path])
+    kwargs = _config_kwargs(ranks, alphas)
+    if algo == "loha":
+        return state, LoHaConfig(**kwargs)
+    kwargs["lora_alpha"] = kwargs.pop("alpha")
+    return state, LoraConfig(**kwargs, use_dora=algo == "dora")
+
+
+def _lokr_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: str) -> tuple[dict, PeftConfig]:
+    """LoKr: pick PEFT's ``r``, ``decompose_both`` and ``decompose_factor`` so it rebuilds the same factors.
+
+    PEFT (``peft/tuners/lokr/layer.py`` ``update_layer``) and LyCORIS (``lycoris/modules/lokr.py``) share the
+    rules: ``w1`` is low-rank iff ``decompose_both and r < max(w1 dims) / 2``, ``w2`` iff ``r < max(w2 dims) / 2``,
+    and the dimensions are split by ``factorization(dim, decompose_factor)``.
+    """
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    factors: set[int] | None = None
+    decompose_both = any("lokr_w1_a" in p for p in modules.values())
+    for path, p in modules.items():
+        if "lokr_t2" in p or "lokr_t1" in p:
+            raise ModelError(f"'{path}' uses LyCORIS' Tucker (CP) decomposition, which sdtune does not convert")
+        a, c = p["lokr_w1"].shape if "lokr_w1" in p else (p["lokr_w1_a"].shape[0], p["lokr_w1_b"].shape[1])
+        b = p["lokr_w2"].shape[0] if "lokr_w2" in p else p["lokr_w2_a"].shape[0]
+        low = p.get("lokr_w2_a", p.get("lokr_w1_a"))
+        if low is not None:
+            ranks[path], alphas[path] = low.shape[1], _alpha(p, low.shape[1])
+        else:  # both full: the smallest r for which PEFT keeps both full; LyCORIS' scale is 1 (alpha = r)
+            d = p["lokr_w2"].shape[1]
+            ranks[path] = max(math.ceil(max(a, c, b, d) / 2), 1)
+            alphas[path] = float(ranks[path])
+        if ("lokr_w1" in p) == (decompose_both and ranks[path] < max(a, c) / 2):
+            raise ModelError(f"LoKr module '{path}' has factors PEFT would not build for rank {ranks[path]}")
+        # The out dimension tells the factor; the in one only when w2 is full (a conv's w2_b folds in k*k).
+        found = {f for f in {-1, a, b, c} if factorization(a * b, f)[0] == a}
+        if "lokr_w2" in p:
+            found = {f for f in found if factorization(c * p["lokr_w2"].shape[1], f)[0] == c}
+        factors = found if factors is None else factors & found
+        state.update({f"{path}.{k}": v for k, v in p.items() if k != "alpha"})
+    if not factors:
+        raise ModelError("LoKr factor shapes differ between modules in a way PEFT cannot rebuild (decompose_factor)")
+    kwargs = _config_kwargs(ranks, alphas)
+    factor = -1 if -1 in factors else min(factors)
+    return state, LoKrConfig(**kwargs, decompose_both=decompose_both, decompose_factor=factor)
+
+
+def to_peft_diffusers(states: Mapping[str, Mapping[str, torch.Tensor]], family: ModelFamily) -> dict[str, torch.Tensor]:
+    """The diffusers PEFT layout ``pipe.load_lora_weights`` reads natively (LoRA and DoRA only).
+
+    Keys are ``<component>.<module path>.<PEFT param>`` with text-encoder paths rooted at ``text_model.``
+    (diffusers strips that root for transformers versions without it: ``loaders/lora_base.py``). Write the
+    file with :func:`peft_diffusers_metadata` so diffusers uses each component's alpha.
+    """
+    out: dict[str, torch.Tensor] = {}
+    allowed = ("unet", "text_encoder", "text_encoder_2")[: 1 + family.num_text_encoders]
+    for component, state in states.items():
+        if component not in allowed:
+            raise ModelError(f"{family.name} has no component '{component}'; use one of {', '.join(allowed)}")
+        for key, tensor in state.items():
+            path, param = split_param(key, PEFT_PARAM_NAMES)
+            if param.startswith(("hada_", "lokr_")):
+                raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+            if param == "lora_magnitude_vector":
+                # PEFT files name it without ``.weight`` and peft adds it on load; transformers 5's
+                # ``load_adapter`` (diffusers' text-encoder path) does not, and peft accepts both.
+                param += ".weight"
+            path = path if component == "unet" else clip_module_path(path)
+            out[f"{component}.{path}.{param}"] = tensor
+    return out
+
+
+def peft_diffusers_metadata(configs: Mapping[str, PeftConfig]) -> dict[str, str]:
+    """``lora_adapter_metadata``: each component's PEFT config as ``<component>.<field>`` (diffusers
+    ``LoraBaseMixin._save_lora_weights``); ``load_lora_weights`` builds its ``LoraConfig`` from it."""
+    packed: dict[str, Any] = {}
+    for component, config in configs.items():
+        if not isinstance(config, LoraConfig):
+            raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+        for key, value in config.to_dict().items():
+            packed[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return {"lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}

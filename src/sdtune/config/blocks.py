@@ -36,9 +36,10 @@ class DataConfig(StrictModel):
     """Folder of training images. Captions come from `.txt` sidecars, else from file names."""
     resolution: int | None = Field(None, ge=8, le=4096, multiple_of=8, examples=[512])
     """Training resolution in pixels (square). Empty = the base model's native resolution."""
-    template: str = Field("subject_filewords", examples=["subject_filewords"])
-    """Prompt templates: a shipped set (subject, style, subject_filewords, style_filewords, none) or a file
-    with one prompt per line using `[name]` (the new token) and `[filewords]` (the image's caption)."""
+    template: str | None = Field(None, examples=["subject_filewords"])
+    """Prompt templates: a shipped set (subject, style, subject_filewords, style_filewords, none, filewords) or a
+    file with one prompt per line using `[name]` (the new token) and `[filewords]` (the image's caption).
+    Empty = the method's default: `subject_filewords` for textual inversion, `filewords` (the captions) for LoRA."""
     caption_extension: str = Field(".txt", examples=[".txt"])
     """Extension of caption sidecar files next to each image."""
     filename_word_regex: str = Field("", examples=[r"\w+"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from sdtune.config.base import StrictModel
 from sdtune.config.blocks import (
@@ -70,5 +70,53 @@ class TextualInversionConfig(RunBase):
         return value
 
 
-MethodConfig = Annotated[TextualInversionConfig, Field(discriminator="method")]
-METHOD_SCHEMAS: dict[str, type[RunBase]] = {"textual_inversion": TextualInversionConfig}
+class LoraConfig(RunBase):
+    """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
+
+    method: Literal["lora"]
+    adapter: Literal["lora", "dora", "locon", "loha", "lokr"] = "lora"
+    """Adapter kind: lora; dora (LoRA + learned magnitude); locon (LoRA on convolutions too: needs targets: all);
+    loha (LyCORIS Hadamard); lokr (LyCORIS Kronecker)."""
+    rank: int = Field(8, ge=1, le=1024, examples=[8])
+    """Rank (kohya's network_dim): capacity of the adapter. 4-32 for a character or object."""
+    alpha: float | None = Field(None, gt=0, examples=[4.0])
+    """Scale numerator: the update is scaled by alpha / rank. Empty = rank (scale 1)."""
+    conv_rank: int | None = Field(None, ge=1, le=1024, examples=[4])
+    """Rank for convolution layers (with targets: all). Empty = rank."""
+    conv_alpha: float | None = Field(None, gt=0, examples=[1.0])
+    """Alpha for convolution layers. Empty = alpha."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.1])
+    """Dropout on the adapter input (lora/dora/locon) or whole-module dropout (loha/lokr)."""
+    targets: Literal["attention", "attention_ff", "all"] = "attention_ff"
+    """Which layers get adapters: attention projections; + feed-forward and projections; + convolutions."""
+    target_modules: list[str] = Field(default_factory=list, examples=[["to_q", "to_v"]])
+    """Explicit layer-name suffixes instead of the preset (e.g. to_q, ff.net.2, q_proj)."""
+    train_unet: bool = True
+    """Put adapters on the UNet."""
+    train_text_encoder: bool = False
+    """Put adapters on the text encoder(s) too (both for SDXL)."""
+    unet_lr: float | None = Field(None, gt=0, examples=[1e-4])
+    """Learning rate of the UNet adapters. Empty = optimizer.lr."""
+    text_encoder_lr: float | None = Field(None, gt=0, examples=[5e-5])
+    """Learning rate of the text-encoder adapters. Empty = optimizer.lr."""
+    file_format: Literal["kohya", "peft"] = "kohya"
+    """Output layout: kohya/LyCORIS keys (A1111, ComfyUI, InvokeAI) or PEFT keys (diffusers load_lora_weights)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoraConfig:
+        if self.adapter == "locon" and self.targets != "all" and not self.target_modules:
+            raise ValueError("adapter: locon adapts convolutions; set targets: all (or use adapter: lora)")
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("train_unet: nothing to train; enable train_unet or train_text_encoder")
+        if isinstance(self.optimizer.lr, str) and (self.unet_lr or self.text_encoder_lr):
+            raise ValueError(
+                "optimizer.lr: a rate:step schedule string applies to all adapters; "
+                "leave unet_lr and text_encoder_lr empty"
+            )
+        if self.file_format == "peft" and self.adapter in ("loha", "lokr"):
+            raise ValueError(f"file_format: diffusers cannot load {self.adapter} files; use file_format: kohya")
+        return self
+
+
+MethodConfig = Annotated[TextualInversionConfig | LoraConfig, Field(discriminator="method")]
+METHOD_SCHEMAS: dict[str, type[RunBase]] = {"textual_inversion": TextualInversionConfig, "lora": LoraConfig}

@@ -8,6 +8,7 @@ from importlib import import_module
 # method name (the config's `method:`) -> module with `setup(cfg, accelerator, console) -> Job`
 METHODS: dict[str, str] = {
     "textual_inversion": "sdtune.methods.textual_inversion",
+    "lora": "sdtune.methods.lora",
 }
 
 

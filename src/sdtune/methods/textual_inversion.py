@@ -33,23 +33,16 @@ from sdtune.adapters.token_embedding import (
 )
 from sdtune.config.methods import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError
-from sdtune.data import (
-    CaptionOptions,
-    LatentCache,
-    caption_for,
-    load_image,
-    load_templates,
-    process_caption,
-    scan_images,
-)
+from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.png_embedding import save_png_embedding
-from sdtune.inference.generate import GenerationSettings, generate, grid, infotext, native_size, save_images
-from sdtune.inference.infotext import save_png
+from sdtune.inference.generate import GenerationSettings, generate, native_size
+from sdtune.inference.previews import render_previews
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import encode_prompts
-from sdtune.train.noise import diffusion_loss, min_snr_weights, per_sample_noise, per_sample_timesteps, target
+from sdtune.train.diffusion import denoising_loss
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -69,17 +62,11 @@ class TextualInversionJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)
-        paths, skipped = scan_images(cfg.data.path)
-        for item in skipped:
-            self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
         self.resolution = cfg.data.resolution or native_size(self.model)
-        images = torch.stack([load_image(p, self.resolution) for p in paths]).to(device, self.model.vae.dtype)
-        self.captions = [
-            caption_for(p, cfg.data.caption_extension, cfg.data.filename_word_regex, cfg.data.filename_join)
-            for p in paths
-        ]
+        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.captions = self.data.captions
         # the token must reach the prompts: through [name] in the templates, or written in every caption
-        self.templates = load_templates(cfg.data.template, require_name=False)
+        self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
         named = any("[name]" in line for line in self.templates.lines)
         if not named and not all(cfg.token in c for c in self.captions):
             raise DataError(
@@ -89,17 +76,9 @@ class TextualInversionJob:
         self.caption_options = CaptionOptions(
             cfg.data.shuffle_tags, cfg.data.keep_tags, cfg.data.tag_dropout, cfg.data.caption_dropout
         )
-        self.images = None if cfg.data.cache_latents else images  # uncached: the VAE encodes every step
-        self.latents = LatentCache.encode(
-            self.model.vae,
-            images if cfg.data.cache_latents else images[:1],
-            cfg.data.latent_sampling,
-            torch.Generator().manual_seed(cfg.train.seed),
-            flip=cfg.data.flip,
-        )
-        if len(paths) < cfg.data.batch_size:
+        if len(self.data) < cfg.data.batch_size:
             self.console.print(
-                f"note: {len(paths)} images, fewer than data.batch_size {cfg.data.batch_size}: "
+                f"note: {len(self.data)} images, fewer than data.batch_size {cfg.data.batch_size}: "
                 "images repeat within a batch",
                 highlight=False,
             )
@@ -118,6 +97,9 @@ class TextualInversionJob:
             with torch.no_grad():
                 table.extra.copy_(vectors)
             self.tables.append(table)
+
+    def _skipped(self, item) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
     def _initial_vectors(self) -> list[torch.Tensor]:
         """Per text encoder: vectors from an embedding file, else A1111's spread of the init text's tokens."""
@@ -159,36 +141,24 @@ class TextualInversionJob:
         text = self.templates.render(self.cfg.token, filewords, rng)
         return expand_token(text, self.cfg.token, self.cfg.num_vectors)
 
-    def encode(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        """Latents of the examples: from the cache, or (``data.cache_latents: false``) through the VAE now."""
-        if self.images is None:
-            return torch.cat([self.latents.get([i], g) for i, g in zip(indices, generators, strict=True)])
-        vae = self.model.vae
-        with torch.no_grad():
-            dist = vae.encode(self.images[indices]).latent_dist
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
-            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
-
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        device = self.tables[0].extra.device
-        latents = self.encode(indices, generators).to(device)
+        latents = self.data.latents(indices, generators).to(self.tables[0].extra.device)
         prompts = [
             self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
             for i, g in zip(indices, generators, strict=True)
         ]
-        noise = per_sample_noise(latents.shape[1:], generators, self.cfg.train.noise_offset).to(device)
-        timesteps = per_sample_timesteps(self.scheduler.config.num_train_timesteps, generators).to(device)
         cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.model.unet(
-            noisy.to(self.model.unet.dtype),
-            timesteps,
-            cond.context.to(self.model.unet.dtype),
-            **cond.unet_kwargs(self.resolution, self.resolution),
-        ).sample
-        gamma = self.cfg.train.min_snr_gamma
-        weights = min_snr_weights(self.scheduler, timesteps, gamma) if gamma else None
-        return diffusion_loss(prediction, target(self.scheduler, latents, noise, timesteps), weights)
+        t = self.cfg.train
+        return denoising_loss(
+            self.model,
+            self.scheduler,
+            latents,
+            cond,
+            generators,
+            resolution=self.resolution,
+            noise_offset=t.noise_offset,
+            min_snr_gamma=t.min_snr_gamma,
+        )
 
     def after_step(self) -> None:
         pass  # nothing to restore: the original rows are not trainable (see module docstring)
@@ -254,13 +224,8 @@ class TextualInversionJob:
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         prompts = self.preview_prompts()
         seeds = [self.cfg.preview.seed + i for i in range(len(prompts))]
-        images = self._render(prompts, seeds)
-        texts = [
-            infotext(self.model, p, s, self._settings(), None, self.base_path.stem)
-            for p, s in zip(prompts, seeds, strict=True)
-        ]
-        paths = save_images(images, texts, out_dir)
-        return paths, save_png(grid(images), out_dir / "grid.png")
+        expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
+        return render_previews(self.model, expanded, prompts, seeds, self._settings(), out_dir, self.base_path.stem)
 
 
 def setup(cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> TextualInversionJob:

@@ -53,7 +53,7 @@ class BuildSettings:
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # reached after warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t))
-    decoder_steps: int = 1500  # then the VAE decoder alone is fine-tuned on the frozen encoder's latents
+    decoder_steps: int = 1000  # then the VAE decoder alone is fine-tuned on the frozen encoder's latents
     decoder_lr: float = 5e-4
     seed: int = 0
     checkpoint_every: int = 250

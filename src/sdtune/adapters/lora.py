@@ -1,0 +1,104 @@
+"""The LoRA family through peft: one vocabulary (build config, inject, check, state) for every adapter kind.
+
+- ``lora``: low-rank ``B @ A`` on Linear layers (Hu et al. 2021)
+- ``dora``: LoRA with a learned per-output-row magnitude (Liu et al. 2024), peft's ``use_dora``
+- ``locon``: LoRA on the convolutions too (LyCORIS' name for it); the targets decide, see ``models.targets``
+- ``loha``: Hadamard product of two low-rank products (LyCORIS LoHa), peft ``LoHaConfig``
+- ``lokr``: Kronecker product with a low-rank factor (LyCORIS LoKr), peft ``LoKrConfig``
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+AdapterKind = Literal["lora", "dora", "locon", "loha", "lokr"]
+
+
+def peft_config(
+    kind: AdapterKind,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    dropout: float = 0.0,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    conv_modules: Sequence[str] = (),
+):
+    """A peft config for ``kind``; ``conv_rank``/``conv_alpha`` apply to the modules named in ``conv_modules``."""
+    rank_pattern = {name: conv_rank for name in conv_modules} if conv_rank else {}
+    alpha_pattern = {name: conv_alpha for name in conv_modules} if conv_alpha else {}
+    common = {"r": rank, "target_modules": list(targets), "rank_pattern": rank_pattern}
+    if kind in ("lora", "dora", "locon"):
+        return LoraConfig(
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            use_dora=kind == "dora",
+            alpha_pattern=alpha_pattern,
+            init_lora_weights=True,
+            **common,
+        )
+    if kind == "loha":
+        return LoHaConfig(alpha=alpha, module_dropout=dropout, alpha_pattern=alpha_pattern, init_weights=True, **common)
+    return LoKrConfig(alpha=alpha, module_dropout=dropout, alpha_pattern=alpha_pattern, init_weights=True, **common)
+
+
+def matching_modules(module: nn.Module, suffixes: Sequence[str]) -> dict[str, list[str]]:
+    """For each target suffix, the Linear/Conv2d module names it matches (as peft matches: whole dotted parts)."""
+    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return {s: [n for n in layers if n == s or n.endswith("." + s)] for s in suffixes}
+
+
+def check_targets(modules: dict[str, nn.Module], suffixes: Sequence[str]) -> None:
+    """Every target must match a layer in one of ``modules``; else name the nearest real module names."""
+    found = {s: [] for s in suffixes}
+    for module in modules.values():
+        for suffix, names in matching_modules(module, suffixes).items():
+            found[suffix] += names
+    for suffix, names in found.items():
+        if not names:
+            candidates = sorted({n.split(".")[-1] for m in modules.values() for n, _ in m.named_modules() if n})
+            near = difflib.get_close_matches(suffix.split(".")[-1], candidates, n=3, cutoff=0.5)
+            hint = f"; nearest module names: {', '.join(near)}" if near else ""
+            raise ValueError(f"'{suffix}' matches no Linear or Conv2d layer{hint}")
+
+
+def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int) -> None:
+    """A rank above a targeted layer's smaller side adds parameters that can learn nothing more."""
+    for names in matching_modules(module, suffixes).values():
+        for name in names:
+            layer = module.get_submodule(name)
+            width = (
+                min(layer.in_features, layer.out_features)
+                if isinstance(layer, nn.Linear)
+                else min(layer.in_channels, layer.out_channels)
+            )
+            if rank > width:
+                raise ValueError(f"rank {rank} exceeds the width {width} of layer '{name}'; use a rank <= {width}")
+
+
+def inject(module: nn.Module, config) -> list[nn.Parameter]:
+    """Add the adapter to ``module`` (frozen beforehand) and return its trainable parameters."""
+    inject_adapter_in_model(config, module)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names (what :mod:`sdtune.formats.lora_files` converts)."""
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+
+
+def set_merged(module: nn.Module, merged: bool) -> None:
+    """Merge the adapter into the base weights (for export or fast inference) or take it out again."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            if merged and not layer.merged:
+                layer.merge()
+            elif not merged and layer.merged:
+                layer.unmerge()

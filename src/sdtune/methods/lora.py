@@ -1,0 +1,240 @@
+"""Concept models: LoRA, DoRA, LoCon, LoHa and LoKr adapters, trained with the base model frozen.
+
+Recipe:
+1. load the base model and freeze all of it;
+2. read the images and captions, encode the images to latents once; when the text encoders are frozen and the
+   captions never change, their conditioning is computed once too;
+3. add peft adapters of the chosen kind to the chosen layers of the UNet (and text encoders), check that every
+   target exists and that the rank fits the layers;
+4. loss: the caption (through the template), noise at a random timestep, the adapted UNet's prediction against
+   the noise (or velocity), Min-SNR weighting if configured;
+5. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
+   InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, peft_config
+from sdtune.config.methods import LoraConfig
+from sdtune.core.errors import ConfigError
+from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data.dataset import ImageCaptionSet
+from sdtune.formats.hashes import a1111_short_hash
+from sdtune.formats.lora_files import (
+    kohya_metadata,
+    peft_diffusers_metadata,
+    save_lora,
+    to_kohya,
+    to_peft_diffusers,
+)
+from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.inference.previews import render_previews
+from sdtune.models.loading import load_model, resolve_path
+from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.train.diffusion import denoising_loss
+
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+
+
+class LoraJob:
+    """The loop's view of a concept-model run (see :class:`sdtune.train.loop.Job`)."""
+
+    initial_step = 0
+
+    def __init__(self, cfg: LoraConfig, accelerator: Accelerator, console: Console | None = None) -> None:
+        self.cfg, self.console = cfg, console or Console()
+
+        # 1. the base model, frozen
+        self.base_path = resolve_path(cfg.model.base)
+        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
+        for module in self.model.modules().values():
+            module.requires_grad_(False).eval()
+        self.scheduler = self.model.noise_scheduler()
+
+        # 2. data: latents once; captions through the template (default: the captions as they are)
+        self.resolution = cfg.data.resolution or native_size(self.model)
+        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
+        d = cfg.data
+        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
+        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
+        self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
+
+        # 3. adapters on the chosen layers; everything else stays frozen
+        self.components = {"unet": self.model.unet} if cfg.train_unet else {}
+        if cfg.train_text_encoder:
+            self.components |= dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
+        if cfg.target_modules:  # each explicit target must exist somewhere; name the nearest layers if not
+            try:
+                check_targets(self.components, cfg.target_modules)
+            except ValueError as exc:
+                raise ConfigError(f"target_modules: {exc}") from None
+        self.peft_configs, self.params = {}, {}
+        for name, module in list(self.components.items()):
+            targets = self._targets(name)
+            if not targets:  # explicit targets that all live in other components
+                del self.components[name]
+                continue
+            try:
+                check_rank(module, targets, cfg.rank)
+            except ValueError as exc:
+                raise ConfigError(f"rank: {name}: {exc}") from None
+            alpha = cfg.alpha or cfg.rank
+            conv_alpha = (cfg.conv_alpha or alpha) if cfg.conv_rank else None
+            config = peft_config(
+                cfg.adapter,
+                cfg.rank,
+                alpha,
+                targets,
+                cfg.dropout,
+                cfg.conv_rank,
+                conv_alpha,
+                [t for t in targets if t in CONV_TARGETS],
+            )
+            self.peft_configs[name] = config
+            self.params[name] = inject(module, config)
+        for module in self.components.values():
+            module.train()
+
+    def _targets(self, component: str) -> list[str]:
+        if self.cfg.target_modules:
+            names = [n for n, _ in self.components[component].named_modules()]
+            return [t for t in self.cfg.target_modules if any(n == t or n.endswith("." + t) for n in names)]
+        table = UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
+        return list(table[self.cfg.targets])
+
+    def _skipped(self, item) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+
+    # -- what the loop calls -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[dict]:
+        cfg = self.cfg
+        base = cfg.optimizer.lr if isinstance(cfg.optimizer.lr, float) else 1.0  # string: set per step
+        groups = []
+        for name, params in self.params.items():
+            rate = (cfg.unet_lr if name == "unet" else cfg.text_encoder_lr) or base
+            groups.append({"params": params, "lr": rate})
+        return groups
+
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def prompt(self, index: int, rng: random.Random) -> str:
+        return self.templates.render("", process_caption(self.data.captions[index], self.caption_options, rng), rng)
+
+    def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        latents = self.data.latents(indices, generators).to(self.model.unet.device)
+        prompts = [
+            self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
+            for i, g in zip(indices, generators, strict=True)
+        ]
+        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
+        t = self.cfg.train
+        return denoising_loss(
+            self.model,
+            self.scheduler,
+            latents,
+            cond,
+            generators,
+            resolution=self.resolution,
+            noise_offset=t.noise_offset,
+            min_snr_gamma=t.min_snr_gamma,
+        )
+
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{key}": value
+            for name, module in self.components.items()
+            for key, value in adapter_state(module).items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        for name, module in self.components.items():
+            prefix = name + "."
+            set_peft_model_state_dict(module, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+    # -- outputs -------------------------------------------------------------------------------------
+    def export(self, out_dir: Path, step: int) -> list[Path]:
+        cfg, family = self.cfg, self.model.family
+        states = {name: adapter_state(module) for name, module in self.components.items()}
+        path = Path(out_dir) / f"{cfg.name}.safetensors"
+        if cfg.file_format == "peft":
+            save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(self.peft_configs))
+            return [path]
+        training = {
+            "ss_output_name": cfg.name,
+            "ss_steps": step,
+            "ss_num_train_images": len(self.data),
+            "ss_learning_rate": cfg.optimizer.lr,
+            "ss_unet_lr": cfg.unet_lr,
+            "ss_text_encoder_lr": cfg.text_encoder_lr,
+            "ss_resolution": f"({self.resolution}, {self.resolution})",
+            "ss_sd_model_name": self.base_path.name,
+            "ss_network_dropout": cfg.dropout,
+            "ss_seed": cfg.train.seed,
+            "ss_tag_frequency": json.dumps({"data": _tag_frequency(self.data.captions)}),
+        }
+        if self.base_path.is_file():
+            training["sshs_model_hash_base"] = a1111_short_hash(self.base_path)
+        algo = "locon" if cfg.adapter == "lora" and cfg.targets == "all" else cfg.adapter
+        metadata = kohya_metadata(
+            family,
+            algo,
+            cfg.rank,
+            cfg.alpha or cfg.rank,
+            {k: str(v) for k, v in training.items() if v is not None},
+            conv_rank=cfg.conv_rank,
+            conv_alpha=cfg.conv_alpha,
+            title=cfg.name,
+        )
+        save_lora(path, to_kohya(states, self.peft_configs, family, self.model.unet.config), metadata)
+        return [path]
+
+    def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
+        p = self.cfg.preview
+        prompts = list(p.prompts) or [self.prompt(i, random.Random(p.seed)) for i in range(min(4, len(self.data)))]
+        seeds = [p.seed + i for i in range(len(prompts))]
+        settings = GenerationSettings(
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            sampler=p.sampler,
+            width=self.resolution,
+            height=self.resolution,
+            negative_prompt=p.negative_prompt,
+        )
+        for module in self.components.values():
+            module.eval()
+        try:
+            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+        finally:
+            for module in self.components.values():
+                module.train()
+
+
+def _tag_frequency(captions: list[str]) -> dict[str, int]:
+    """kohya's ``ss_tag_frequency`` for one dataset: how often each comma-separated tag occurs."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def setup(cfg: LoraConfig, accelerator: Accelerator, console: Console | None = None) -> LoraJob:
+    """Build the job for ``cfg`` (loads model and data, adds the adapters; one-line errors for bad input)."""
+    return LoraJob(cfg, accelerator, console)

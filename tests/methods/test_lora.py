@@ -1,0 +1,126 @@
+"""Concept models on tiny SD1/SDXL models: each adapter kind trains, writes a file, and independent loaders agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from pydantic import ValidationError
+
+from sdtune.config import LoraConfig
+from sdtune.core.errors import ConfigError
+from sdtune.core.events import EventBus
+from sdtune.formats.lora_files import detect_lora_layout
+from sdtune.methods.lora import setup
+from sdtune.models.loading import load_model
+from sdtune.models.text_encoding import encode_prompts
+from sdtune.train.loop import train
+from sdtune.train.rundir import RunDir
+
+
+def lora_config(tmp_path, model, folder, **extra):
+    base = {
+        "method": "lora", "name": "concept", "output_dir": str(tmp_path / "runs"), "rank": 4, "alpha": 8,
+        "model": {"base": str(model)}, "data": {"path": str(folder), "batch_size": 2},
+        "optimizer": {"lr": 1e-2}, "train": {"max_steps": 4}, "preview": {"steps": 2, "before_training": False},
+    }
+    base.update(extra)
+    return LoraConfig.model_validate(base)
+
+
+def run_job(cfg):
+    job = setup(cfg, Accelerator(cpu=True))
+    outputs = train(job, cfg, RunDir(f"{cfg.output_dir}/{cfg.name}"), EventBus(), Accelerator(cpu=True))
+    return job, outputs
+
+
+def _unet_out(model, cond):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return model.unet(latents, torch.tensor([500]), cond.context, **cond.unet_kwargs(16, 16)).sample
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "locon", "loha", "lokr"])
+def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(tmp_path, tiny_checkpoint, image_folder,
+                                                                       family, adapter):
+    path = tiny_checkpoint(family)
+    extra = {"adapter": adapter, "targets": "all" if adapter == "locon" else "attention_ff",
+             "train_text_encoder": adapter in ("lora", "loha")}
+    job, outputs = run_job(lora_config(tmp_path, path, image_folder, **extra))
+    base = load_model(path)
+    for name, module in job.components.items():
+        original = base.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            if key.replace(".base_layer", "") in original and "lora_" not in key:
+                assert torch.equal(value, original[key.replace(".base_layer", "")]), key  # base weights frozen
+    assert [p.suffix for p in outputs] == [".safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(outputs[0]), "pt") as fh:
+        layout = detect_lora_layout(fh.keys())
+        meta = fh.metadata()
+    assert layout == ("kohya" if adapter in ("lora", "locon") else "lycoris")
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["sshs_model_hash"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("file_format", ["kohya", "peft"])
+def test_diffusers_load_lora_weights_reproduces_the_trained_model(tmp_path, tiny_checkpoint, image_folder, family,
+                                                                  file_format):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = tiny_checkpoint(family)
+    job, outputs = run_job(lora_config(tmp_path, path, image_folder, train_text_encoder=True, file_format=file_format))
+    for module in job.components.values():
+        module.eval()
+    prompt = ["tag1, red, square"]
+    with torch.no_grad():
+        ours = encode_prompts(job.model, prompt)
+    trained = _unet_out(job.model, ours)
+
+    fresh = load_model(path)
+    scheduler = DDIMScheduler.from_config(fresh.scheduler_config)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=fresh.vae, text_encoder=fresh.text_encoders[0],
+                                         text_encoder_2=fresh.text_encoders[1], tokenizer=fresh.tokenizers[0],
+                                         tokenizer_2=fresh.tokenizers[1], unet=fresh.unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoders[0],
+                                       tokenizer=fresh.tokenizers[0], unet=fresh.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    untouched = _unet_out(fresh, encode_prompts(fresh, prompt))
+    pipe.load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
+    with torch.no_grad():
+        theirs = encode_prompts(fresh, prompt)
+    torch.testing.assert_close(theirs.context, ours.context, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_unet_out(fresh, theirs), trained, atol=1e-5, rtol=1e-4)
+    assert (trained - untouched).abs().max() > 1e-4  # the adapters changed the model
+
+
+def test_frozen_text_encoder_with_fixed_captions_encodes_each_caption_once(tmp_path, tiny_checkpoint, image_folder):
+    job, _ = run_job(lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder))
+    assert job.text_cache is not None and job.text_cache.encoded == 4  # 4 distinct captions, 4 steps x 2 samples
+
+
+def test_rank_larger_than_a_layer(tmp_path, tiny_checkpoint, image_folder):
+    with pytest.raises(ConfigError, match=r"rank: unet: rank 64 exceeds the width 8 of layer '.*'; use a rank <= 8"):
+        setup(lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, rank=64), Accelerator(cpu=True))
+
+
+def test_target_that_matches_nothing_names_the_nearest_layers(tmp_path, tiny_checkpoint, image_folder):
+    cfg = lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, target_modules=["to_qq"])
+    with pytest.raises(ConfigError, match=r"target_modules: 'to_qq' matches no Linear or Conv2d layer; nearest "
+                                          r"module names: to_q"):
+        setup(cfg, Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"rank": 0}, "rank"), ({"alpha": 0}, "alpha"), ({"alpha": -1}, "alpha"),
+    ({"adapter": "locon", "targets": "attention"}, "set targets: all"),
+    ({"adapter": "loha", "file_format": "peft"}, "diffusers cannot load loha"),
+])
+def test_bad_adapter_settings_are_config_errors(tmp_path, extra, message):
+    with pytest.raises(ValidationError, match=message):
+        lora_config(tmp_path, "m.safetensors", "d", **extra)

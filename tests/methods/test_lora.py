@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from pydantic import ValidationError
 
 from sdtune.config import LoraConfig
-from sdtune.core.errors import ConfigError
+from sdtune.core.errors import ConfigError, DataError
 from sdtune.core.events import EventBus
 from sdtune.formats.lora_files import detect_lora_layout
 from sdtune.methods.lora import setup
@@ -20,9 +20,16 @@ from sdtune.train.rundir import RunDir
 
 def lora_config(tmp_path, model, folder, **extra):
     base = {
-        "method": "lora", "name": "concept", "output_dir": str(tmp_path / "runs"), "rank": 4, "alpha": 8,
-        "model": {"base": str(model)}, "data": {"path": str(folder), "batch_size": 2},
-        "optimizer": {"lr": 1e-2}, "train": {"max_steps": 4}, "preview": {"steps": 2, "before_training": False},
+        "method": "lora",
+        "name": "concept",
+        "output_dir": str(tmp_path / "runs"),
+        "rank": 4,
+        "alpha": 8,
+        "model": {"base": str(model)},
+        "data": {"path": str(folder), "batch_size": 2},
+        "optimizer": {"lr": 1e-2},
+        "train": {"max_steps": 4},
+        "preview": {"steps": 2, "before_training": False},
     }
     base.update(extra)
     return LoraConfig.model_validate(base)
@@ -43,11 +50,15 @@ def _unet_out(model, cond):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("adapter", ["lora", "dora", "locon", "loha", "lokr"])
-def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(tmp_path, tiny_checkpoint, image_folder,
-                                                                       family, adapter):
+def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
+    tmp_path, tiny_checkpoint, image_folder, family, adapter
+):
     path = tiny_checkpoint(family)
-    extra = {"adapter": adapter, "targets": "all" if adapter == "locon" else "attention_ff",
-             "train_text_encoder": adapter in ("lora", "loha")}
+    extra = {
+        "adapter": adapter,
+        "targets": "all" if adapter == "locon" else "attention_ff",
+        "train_text_encoder": adapter in ("lora", "loha"),
+    }
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, **extra))
     base = load_model(path)
     for name, module in job.components.items():
@@ -67,8 +78,9 @@ def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(tmp_path,
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("file_format", ["kohya", "peft"])
-def test_diffusers_load_lora_weights_reproduces_the_trained_model(tmp_path, tiny_checkpoint, image_folder, family,
-                                                                  file_format):
+def test_diffusers_load_lora_weights_reproduces_the_trained_model(
+    tmp_path, tiny_checkpoint, image_folder, family, file_format
+):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = tiny_checkpoint(family)
@@ -83,13 +95,26 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_model(tmp_path, tiny
     fresh = load_model(path)
     scheduler = DDIMScheduler.from_config(fresh.scheduler_config)
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=fresh.vae, text_encoder=fresh.text_encoders[0],
-                                         text_encoder_2=fresh.text_encoders[1], tokenizer=fresh.tokenizers[0],
-                                         tokenizer_2=fresh.tokenizers[1], unet=fresh.unet, scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(
+            vae=fresh.vae,
+            text_encoder=fresh.text_encoders[0],
+            text_encoder_2=fresh.text_encoders[1],
+            tokenizer=fresh.tokenizers[0],
+            tokenizer_2=fresh.tokenizers[1],
+            unet=fresh.unet,
+            scheduler=scheduler,
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoders[0],
-                                       tokenizer=fresh.tokenizers[0], unet=fresh.unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=fresh.vae,
+            text_encoder=fresh.text_encoders[0],
+            tokenizer=fresh.tokenizers[0],
+            unet=fresh.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     untouched = _unet_out(fresh, encode_prompts(fresh, prompt))
     pipe.load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
     with torch.no_grad():
@@ -111,16 +136,58 @@ def test_rank_larger_than_a_layer(tmp_path, tiny_checkpoint, image_folder):
 
 def test_target_that_matches_nothing_names_the_nearest_layers(tmp_path, tiny_checkpoint, image_folder):
     cfg = lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, target_modules=["to_qq"])
-    with pytest.raises(ConfigError, match=r"target_modules: 'to_qq' matches no Linear or Conv2d layer; nearest "
-                                          r"module names: to_q"):
+    with pytest.raises(
+        ConfigError,
+        match=r"target_modules: 'to_qq' matches no Linear or Conv2d layer; nearest "
+        r"module names: to_q",
+    ):
         setup(cfg, Accelerator(cpu=True))
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"rank": 0}, "rank"), ({"alpha": 0}, "alpha"), ({"alpha": -1}, "alpha"),
-    ({"adapter": "locon", "targets": "attention"}, "set targets: all"),
-    ({"adapter": "loha", "file_format": "peft"}, "diffusers cannot load loha"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1}, "alpha"),
+        ({"adapter": "locon", "targets": "attention"}, "set targets: all"),
+        ({"adapter": "loha", "file_format": "peft"}, "diffusers cannot load loha"),
+    ],
+)
 def test_bad_adapter_settings_are_config_errors(tmp_path, extra, message):
     with pytest.raises(ValidationError, match=message):
         lora_config(tmp_path, "m.safetensors", "d", **extra)
+
+
+def test_pivotal_tuning_trains_token_then_freezes_it_and_exports_both(tmp_path, tiny_checkpoint, image_folder):
+    for i in range(4):
+        (image_folder / f"{i}.txt").write_text(f"a <pivot> thing, tag{i}")
+    cfg = lora_config(
+        tmp_path,
+        tiny_checkpoint("sd1"),
+        image_folder,
+        token="<pivot>",
+        num_vectors=2,
+        init_text="red",
+        token_lr=5e-2,
+        token_train_fraction=0.5,
+        train={"max_steps": 6},
+        save={"every_n_steps": 1, "keep_last": 10},
+    )
+    job, outputs = run_job(cfg)
+    assert sorted(p.name for p in outputs) == ["concept.safetensors", "pivot.pt", "pivot.safetensors"]
+    run = RunDir(tmp_path / "runs" / "concept")
+    from safetensors.torch import load_file
+
+    tokens = [load_file(run.checkpoints / f"step-{s}" / "trainable.safetensors")["token.0"] for s in range(1, 7)]
+    assert not torch.equal(tokens[0], tokens[2])  # trained during the first half (steps 1-3)
+    assert torch.equal(tokens[2], tokens[5])  # frozen from step 3 on
+    from sdtune.formats.embeddings import load_embedding
+
+    torch.testing.assert_close(load_embedding(outputs[1]).vectors["text_encoder"], tokens[5])
+
+
+def test_pivotal_token_must_reach_the_prompts(tmp_path, tiny_checkpoint, image_folder):
+    cfg = lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, token="<pivot>")
+    with pytest.raises(DataError, match="token: <pivot> is in no template line and not in every caption"):
+        setup(cfg, Accelerator(cpu=True))

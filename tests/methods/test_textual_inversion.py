@@ -49,12 +49,14 @@ def run_job(cfg):
 def test_only_new_vectors_train_and_every_other_row_is_unchanged(tmp_path, tiny_checkpoint, image_folder, family):
     path = tiny_checkpoint(family)
     original = load_model(path)
-    job, outputs = run_job(ti_config(tmp_path, path, image_folder))
+    cfg = ti_config(tmp_path, path, image_folder)
+    start = [t.extra.detach().clone() for t in setup(cfg, Accelerator(cpu=True)).tables]
+    job, outputs = run_job(cfg)
     for before, table in zip(original.text_encoders, job.tables, strict=True):
         assert torch.equal(table.base.weight, before.get_input_embeddings().weight)  # untouched rows
         assert table.extra.shape[0] == 3
-    start = job._initial_vectors()
-    assert not torch.equal(job.tables[0].extra.detach().cpu(), start[0])  # the new rows did train
+    for table, before in zip(job.tables, start, strict=True):
+        assert not torch.equal(table.extra.detach().cpu(), before)  # the new rows did train
     for name, module in job.model.modules().items():
         for key, value in module.state_dict().items():
             if "token_embedding" not in key:

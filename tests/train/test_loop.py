@@ -42,8 +42,8 @@ class LinearJob:
             err = err * float("nan")
         return err.mean()
 
-    def after_step(self):
-        self.steps += 1
+    def after_step(self, step):
+        self.steps = step  # completed steps
 
     def state_dict(self):
         return {"w": self.w.detach().clone()}

@@ -108,3 +108,27 @@ def apply_embedding(
             table.extra.copy_(vecs.to(table.extra.dtype))
         table.requires_grad_(False)
     return names
+
+
+def add_trainable_token(
+    tokenizers: list[CLIPTokenizer], encoders: list[nn.Module], token: str, num_vectors: int, init_text: str
+) -> list[ExtendedEmbedding]:
+    """Add ``token`` (``num_vectors`` rows) to every tokenizer/encoder pair, initialised by A1111's rule.
+
+    Returns one trainable table per text encoder. Raises ``ValueError`` if the token is already a word.
+    """
+    names = token_names(token, num_vectors)
+    tables = []
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+        table_before = encoder.get_input_embeddings().weight.detach().cpu()
+        ids = (
+            tokenizer(init_text, add_special_tokens=False, truncation=True, max_length=num_vectors).input_ids
+            if init_text
+            else []
+        )
+        add_tokens(tokenizer, names)
+        table = install(encoder, num_vectors)
+        with torch.no_grad():
+            table.extra.copy_(a1111_init(table_before, ids, num_vectors))
+        tables.append(table)
+    return tables

@@ -101,6 +101,17 @@ class LoraConfig(RunBase):
     """Learning rate of the text-encoder adapters. Empty = optimizer.lr."""
     file_format: Literal["kohya", "peft"] = "kohya"
     """Output layout: kohya/LyCORIS keys (A1111, ComfyUI, InvokeAI) or PEFT keys (diffusers load_lora_weights)."""
+    token: str | None = Field(None, examples=["<my-concept>"])
+    """Pivotal tuning: also learn this new word (an embedding) together with the adapters. Write it in the captions
+    (or use a template with [name]); it is exported as an embedding file next to the LoRA."""
+    num_vectors: int = Field(1, ge=1, le=75, examples=[2])
+    """Vectors of the pivotal token."""
+    init_text: str = Field("*", examples=["a person"])
+    """Initial value of the pivotal token (A1111's rule)."""
+    token_lr: float = Field(1e-3, gt=0, examples=[1e-3])
+    """Learning rate of the pivotal token."""
+    token_train_fraction: float = Field(1.0, gt=0.0, le=1.0, examples=[0.5])
+    """Train the pivotal token for this fraction of max_steps, then freeze it (the adapters go on)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> LoraConfig:
@@ -113,6 +124,8 @@ class LoraConfig(RunBase):
                 "optimizer.lr: a rate:step schedule string applies to all adapters; "
                 "leave unet_lr and text_encoder_lr empty"
             )
+        if self.token is not None and (not self.token or any(c.isspace() or c == "," for c in self.token)):
+            raise ValueError(f"token: one word without spaces or commas (got {self.token!r}); e.g. <my-concept>")
         if self.file_format == "peft" and self.adapter in ("loha", "lokr"):
             raise ValueError(f"file_format: diffusers cannot load {self.adapter} files; use file_format: kohya")
         return self

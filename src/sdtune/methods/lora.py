@@ -10,12 +10,15 @@ Recipe:
    the noise (or velocity), Min-SNR weighting if configured;
 5. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
    InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``).
+Pivotal tuning (``token:``): a new word's embedding trains with its own learning rate alongside the adapters,
+is frozen after ``token_train_fraction`` of the steps, and is exported as embedding files next to the LoRA.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -23,10 +26,12 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, peft_config
+from sdtune.adapters.token_embedding import add_trainable_token, expand_token
 from sdtune.config.methods import LoraConfig
-from sdtune.core.errors import ConfigError
+from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import CaptionOptions, load_templates, process_caption
 from sdtune.data.dataset import ImageCaptionSet
+from sdtune.formats.embeddings import Embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
     kohya_metadata,
@@ -67,9 +72,27 @@ class LoraJob:
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
         fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
-        self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
+        frozen_text = not cfg.train_text_encoder and cfg.token is None
+        self.text_cache = TextCache(self.model) if fixed and frozen_text else None
 
-        # 3. adapters on the chosen layers; everything else stays frozen
+        # 3a. pivotal tuning: a new word's rows, trained with their own rate, frozen after a fraction of the steps
+        self.tables = []
+        if cfg.token:
+            named = any("[name]" in line for line in self.templates.lines)
+            if not named and not all(cfg.token in c for c in self.data.captions):
+                raise DataError(
+                    f"token: {cfg.token} is in no template line and not in every caption, so it would "
+                    "never be trained; write it in the captions or use a template with [name]"
+                )
+            try:
+                self.tables = add_trainable_token(
+                    self.model.tokenizers, self.model.text_encoders, cfg.token, cfg.num_vectors, cfg.init_text
+                )
+            except ValueError as exc:
+                raise ConfigError(f"token: {exc}; choose a new word, e.g. <{cfg.name}>") from None
+            self.freeze_token_at = round(cfg.token_train_fraction * cfg.train.max_steps)
+
+        # 3b. adapters on the chosen layers; everything else stays frozen
         self.components = {"unet": self.model.unet} if cfg.train_unet else {}
         if cfg.train_text_encoder:
             self.components |= dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
@@ -123,13 +146,19 @@ class LoraJob:
         for name, params in self.params.items():
             rate = (cfg.unet_lr if name == "unet" else cfg.text_encoder_lr) or base
             groups.append({"params": params, "lr": rate})
+        if self.tables:
+            groups.append({"params": [t.extra for t in self.tables], "lr": cfg.token_lr})
         return groups
 
     def num_examples(self) -> int:
         return len(self.data)
 
     def prompt(self, index: int, rng: random.Random) -> str:
-        return self.templates.render("", process_caption(self.data.captions[index], self.caption_options, rng), rng)
+        cfg = self.cfg
+        text = self.templates.render(
+            cfg.token or "", process_caption(self.data.captions[index], self.caption_options, rng), rng
+        )
+        return expand_token(text, cfg.token, cfg.num_vectors) if cfg.token else text
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
         latents = self.data.latents(indices, generators).to(self.model.unet.device)
@@ -150,15 +179,17 @@ class LoraJob:
             min_snr_gamma=t.min_snr_gamma,
         )
 
-    def after_step(self) -> None:
-        pass
+    def after_step(self, step: int) -> None:
+        for table in self.tables:  # pivotal token: trainable until its share of the steps is done
+            table.extra.requires_grad_(step < self.freeze_token_at)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
+        state = {
             f"{name}.{key}": value
             for name, module in self.components.items()
             for key, value in adapter_state(module).items()
         }
+        return state | {f"token.{i}": t.extra.detach().cpu().clone() for i, t in enumerate(self.tables)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -166,15 +197,19 @@ class LoraJob:
         for name, module in self.components.items():
             prefix = name + "."
             set_peft_model_state_dict(module, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            for i, table in enumerate(self.tables):
+                table.extra.copy_(state[f"token.{i}"])
 
     # -- outputs -------------------------------------------------------------------------------------
     def export(self, out_dir: Path, step: int) -> list[Path]:
         cfg, family = self.cfg, self.model.family
         states = {name: adapter_state(module) for name, module in self.components.items()}
         path = Path(out_dir) / f"{cfg.name}.safetensors"
+        outputs = [path] + self._export_token(Path(out_dir), step)
         if cfg.file_format == "peft":
             save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(self.peft_configs))
-            return [path]
+            return outputs
         training = {
             "ss_output_name": cfg.name,
             "ss_steps": step,
@@ -202,11 +237,32 @@ class LoraJob:
             title=cfg.name,
         )
         save_lora(path, to_kohya(states, self.peft_configs, family, self.model.unet.config), metadata)
-        return [path]
+        return outputs
+
+    def _export_token(self, out_dir: Path, step: int) -> list[Path]:
+        """The pivotal token as embedding files (its name is the trigger word in A1111/ComfyUI)."""
+        if not self.tables:
+            return []
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.cfg.token).strip("-.") or f"{self.cfg.name}-token"
+        keys = ("clip_l", "clip_g") if self.model.family.arch == "sdxl" else ("text_encoder",)
+        vectors = {k: t.extra.detach().cpu().float().clone() for k, t in zip(keys, self.tables, strict=True)}
+        emb = Embedding(stem, vectors, step, None, self.base_path.stem)
+        paths = [out_dir / f"{stem}.safetensors"]
+        save_safetensors(emb, paths[0])
+        if self.model.family.arch != "sdxl":
+            paths.append(out_dir / f"{stem}.pt")
+            save_a1111_pt(emb, paths[-1])
+        return paths
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         p = self.cfg.preview
-        prompts = list(p.prompts) or [self.prompt(i, random.Random(p.seed)) for i in range(min(4, len(self.data)))]
+        prompts = [q.replace("[name]", self.cfg.token or "") for q in p.prompts] or [
+            self.templates.render(self.cfg.token or "", self.data.captions[i], random.Random(p.seed))
+            for i in range(min(4, len(self.data)))
+        ]
+        shown = prompts
+        if self.cfg.token:
+            prompts = [expand_token(q, self.cfg.token, self.cfg.num_vectors) for q in prompts]
         seeds = [p.seed + i for i in range(len(prompts))]
         settings = GenerationSettings(
             steps=p.steps,
@@ -219,7 +275,7 @@ class LoraJob:
         for module in self.components.values():
             module.eval()
         try:
-            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+            return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
         finally:
             for module in self.components.values():
                 module.train()

@@ -23,14 +23,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from sdtune.adapters.token_embedding import (
-    ExtendedEmbedding,
-    a1111_init,
-    add_tokens,
-    expand_token,
-    install,
-    token_names,
-)
+from sdtune.adapters.token_embedding import add_trainable_token, expand_token, token_names
 from sdtune.config.methods import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import CaptionOptions, load_templates, process_caption
@@ -83,50 +76,36 @@ class TextualInversionJob:
                 highlight=False,
             )
 
-        # 3. the new token(s): one trainable table per text encoder, everything else stays frozen
+        # 3. the new token(s): one trainable table per text encoder (A1111's init), everything else stays frozen
         self.names = token_names(cfg.token, cfg.num_vectors)
         self.initial_step = 0  # an init_embedding file sets its own step count
-        start = self._initial_vectors()
-        self.tables: list[ExtendedEmbedding] = []
-        for tokenizer, encoder, vectors in zip(self.model.tokenizers, self.model.text_encoders, start, strict=True):
-            try:
-                add_tokens(tokenizer, self.names)
-            except ValueError as exc:
-                raise ConfigError(f"token: {exc}; choose a new word, e.g. <{cfg.name}>") from None
-            table = install(encoder, cfg.num_vectors)
+        try:
+            self.tables = add_trainable_token(
+                self.model.tokenizers, self.model.text_encoders, cfg.token, cfg.num_vectors, cfg.init_text
+            )
+        except ValueError as exc:
+            raise ConfigError(f"token: {exc}; choose a new word, e.g. <{cfg.name}>") from None
+        if cfg.init_embedding:  # or start from an existing embedding, continuing its step count
             with torch.no_grad():
-                table.extra.copy_(vectors)
-            self.tables.append(table)
+                for table, vectors in zip(self.tables, self._vectors_from_file(), strict=True):
+                    table.extra.copy_(vectors)
 
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
-    def _initial_vectors(self) -> list[torch.Tensor]:
-        """Per text encoder: vectors from an embedding file, else A1111's spread of the init text's tokens."""
+    def _vectors_from_file(self) -> list[torch.Tensor]:
+        """Per text encoder, the vectors of ``init_embedding`` (its step count becomes the run's start)."""
         cfg = self.cfg
-        widths = tuple(e.get_input_embeddings().embedding_dim for e in self.model.text_encoders)
-        if cfg.init_embedding:
-            emb = load_embedding(cfg.init_embedding)
-            check_width(emb, widths, cfg.init_embedding)
-            if emb.num_vectors != cfg.num_vectors:
-                raise ConfigError(
-                    f"num_vectors: {cfg.init_embedding} has {emb.num_vectors} vectors per token "
-                    f"(got num_vectors {cfg.num_vectors}); set num_vectors: {emb.num_vectors}"
-                )
-            self.initial_step = emb.step  # max_steps counts the embedding's earlier training too (A1111)
-            keys = ENCODER_KEYS if self.model.family.arch == "sdxl" else ("text_encoder",)
-            return [emb.vectors[k].float() for k in keys]
-        out = []
-        for tokenizer, encoder in zip(self.model.tokenizers, self.model.text_encoders, strict=True):
-            ids = (
-                tokenizer(
-                    cfg.init_text, add_special_tokens=False, truncation=True, max_length=cfg.num_vectors
-                ).input_ids
-                if cfg.init_text
-                else []
+        widths = tuple(t.embedding_dim for t in self.tables)
+        emb = load_embedding(cfg.init_embedding)
+        check_width(emb, widths, cfg.init_embedding)
+        if emb.num_vectors != cfg.num_vectors:
+            raise ConfigError(
+                f"num_vectors: {cfg.init_embedding} has {emb.num_vectors} vectors per token "
+                f"(got num_vectors {cfg.num_vectors}); set num_vectors: {emb.num_vectors}"
             )
-            out.append(a1111_init(encoder.get_input_embeddings().weight.detach().cpu(), ids, cfg.num_vectors))
-        return out
+        self.initial_step = emb.step  # max_steps counts the embedding's earlier training too (A1111)
+        return [emb.vectors[k].float() for k in self._keys()]
 
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:
@@ -160,7 +139,7 @@ class TextualInversionJob:
             min_snr_gamma=t.min_snr_gamma,
         )
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         pass  # nothing to restore: the original rows are not trainable (see module docstring)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

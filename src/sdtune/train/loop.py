@@ -45,8 +45,9 @@ class Job(Protocol):
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
         """Mean loss over the examples ``indices``; sample i draws all its randomness from ``generators[i]``."""
 
-    def after_step(self) -> None:
-        """Called after every optimizer step (e.g. to freeze something on a schedule)."""
+    def after_step(self, step: int) -> None:
+        """Called with the number of completed steps: once before the first step (also on resume) and after
+        every optimizer step (e.g. to freeze something on a schedule)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable state, for checkpoints."""
@@ -166,6 +167,7 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         preview(0)
 
     step, reason = start, "max steps reached"
+    job.after_step(step)  # let the job set step-dependent state (also when resuming)
     while step < t.max_steps:
         rate = lr.set(step)
         if lr.finished:  # an A1111 schedule string that ends before max_steps ends training
@@ -205,8 +207,8 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
             raise TrainingError(message)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        job.after_step()
         step += 1
+        job.after_step(step)
         speed = per_step / max(time.perf_counter() - tic, 1e-9)
         if main:
             run.append_metrics(

@@ -65,7 +65,6 @@ class LearningRate:
     ) -> None:
         self.optimizer = optimizer
         self.base = [g["lr"] for g in optimizer.param_groups]
-        self.scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         self.string: RateSchedule | None = None
         self.factor = None
         if isinstance(opt_cfg.lr, str):
@@ -95,7 +94,7 @@ class LearningRate:
             if rate is None:
                 self.finished = True
                 return self.current
-            rates = [rate * s for s in self.scales]
+            rates = [rate] * len(self.base)  # an A1111 string sets every group's rate
         else:
             f = self.factor(step)
             rates = [b * f for b in self.base]

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sdtune.cli.lora_cmds import lora_app
 from sdtune.core.errors import SdtuneError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(lora_app, name="lora")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line
 

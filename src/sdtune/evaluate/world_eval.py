@@ -17,7 +17,7 @@ from sdtune.models.components import SDComponents
 from sdtune.world import EvalPrompt, Reading, matches, score_image
 
 # The built-in model's documented evaluation settings (BENCHMARKS.md): DDIM, 20 steps.
-BUILTIN_EVAL = GenerationSettings(steps=20, cfg_scale=5.0, sampler="ddim")
+BUILTIN_EVAL = GenerationSettings(steps=20, cfg_scale=3.0, sampler="ddim")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -53,7 +54,10 @@ def run(
     run = run_dir_of(cfg)
     if run.latest_checkpoint() is not None and not resume:
         raise ConfigError(f"name: {run.root} already holds a run; resume it (--resume) or choose another name")
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    # Launched as several processes (torchrun / accelerate launch) without CUDA: accelerate forms the gloo
+    # process group only in its CPU mode; a single process keeps accelerate's own device choice.
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision), cpu=cpu_group)
     bus = bus or EventBus()
     if accelerator.is_main_process:
         run.create(dump_yaml(cfg))

@@ -42,9 +42,13 @@ class SDComponents:
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Plain-dict configs of every component (enough to rebuild them), plus the scheduler's."""
-        out = {"unet": dict(self.unet.config), "vae": dict(self.vae.config), "scheduler": dict(self.scheduler_config)}
+        out = {
+            "unet": _public(dict(self.unet.config)),
+            "vae": _public(dict(self.vae.config)),
+            "scheduler": dict(self.scheduler_config),
+        }
         for name, te in zip(TEXT_ENCODER_NAMES, self.text_encoders, strict=False):
-            out[name] = te.config.to_diff_dict() | {"architectures": [type(te).__name__]}
+            out[name] = _public(te.config.to_diff_dict()) | {"architectures": [type(te).__name__]}
         return out
 
     def noise_scheduler(self) -> DDPMScheduler:

@@ -71,7 +71,7 @@ def diffusers_way_rate(data: Path, batch: int, steps: int, warmup: int) -> float
     table = te.get_input_embeddings().weight
     new_ids = tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
     with torch.no_grad():
-        table[new_ids] = table[tokenizer("heart", add_special_tokens=False).input_ids[0]]
+        table[new_ids] = table[tokenizer("heart", add_special_tokens=False).input_ids[0]].clone()
     for module in (vae, unet, te):
         module.requires_grad_(False)
     table.requires_grad_(True)

@@ -46,6 +46,7 @@ from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.diffusion import denoising_loss
+from sdtune.train.loop import sample_rng
 
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
@@ -162,10 +163,7 @@ class LoraJob:
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
         latents = self.data.latents(indices, generators).to(self.model.unet.device)
-        prompts = [
-            self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
-            for i, g in zip(indices, generators, strict=True)
-        ]
+        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
         t = self.cfg.train
         return denoising_loss(

@@ -36,6 +36,7 @@ from sdtune.inference.previews import render_previews
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.diffusion import denoising_loss
+from sdtune.train.loop import sample_rng
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -122,10 +123,7 @@ class TextualInversionJob:
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
         latents = self.data.latents(indices, generators).to(self.tables[0].extra.device)
-        prompts = [
-            self.prompt(i, random.Random(int(torch.randint(1 << 62, (1,), generator=g))))
-            for i, g in zip(indices, generators, strict=True)
-        ]
+        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
         cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
         t = self.cfg.train
         return denoising_loss(

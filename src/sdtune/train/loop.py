@@ -13,6 +13,7 @@ x batch B see the same samples with the same noise as 1 process x batch 2B.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,14 @@ def sample_generator(seed: int, position: int) -> torch.Generator:
     """The generator of the sample at global stream ``position``: independent of batching and processes."""
     state = np.random.SeedSequence([seed, position]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_rng(generator: torch.Generator) -> random.Random:
+    """A Python RNG for a sample's caption choices (template, tag shuffle/dropout), drawn from its generator.
+
+    Taking it as the generator's first draw keeps every sample's randomness a function of its stream position.
+    """
+    return random.Random(int(torch.randint(1 << 62, (1,), generator=generator)))
 
 
 def _grad_norm(params: list[torch.nn.Parameter], mode: str, value: float) -> float:

@@ -11,6 +11,7 @@ from sdtune.config import LoraConfig
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.core.events import EventBus
 from sdtune.formats.lora_files import detect_lora_layout
+from sdtune.inference.generate import make_pipeline
 from sdtune.methods.lora import setup
 from sdtune.models.loading import load_model
 from sdtune.models.text_encoding import encode_prompts
@@ -81,7 +82,6 @@ def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
 def test_diffusers_load_lora_weights_reproduces_the_trained_model(
     tmp_path, tiny_checkpoint, image_folder, family, file_format
 ):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = tiny_checkpoint(family)
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, train_text_encoder=True, file_format=file_format))
@@ -93,28 +93,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_model(
     trained = _unet_out(job.model, ours)
 
     fresh = load_model(path)
-    scheduler = DDIMScheduler.from_config(fresh.scheduler_config)
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=fresh.vae,
-            text_encoder=fresh.text_encoders[0],
-            text_encoder_2=fresh.text_encoders[1],
-            tokenizer=fresh.tokenizers[0],
-            tokenizer_2=fresh.tokenizers[1],
-            unet=fresh.unet,
-            scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=fresh.vae,
-            text_encoder=fresh.text_encoders[0],
-            tokenizer=fresh.tokenizers[0],
-            unet=fresh.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = make_pipeline(fresh)  # diffusers' own SD / SDXL pipeline over the fresh base modules
     untouched = _unet_out(fresh, encode_prompts(fresh, prompt))
     pipe.load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from sdtune.config import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError, SdtuneError
 from sdtune.core.events import EventBus
 from sdtune.formats.embeddings import Embedding, load_embedding, save_safetensors
+from sdtune.inference.generate import make_pipeline
 from sdtune.methods.textual_inversion import setup
 from sdtune.models.loading import load_model
 from sdtune.models.text_encoding import encode_prompts
@@ -81,7 +82,6 @@ def test_diffusers_load_textual_inversion_gives_the_same_prompt_embeddings(
     tmp_path, tiny_checkpoint, image_folder, family
 ):
     """The written file, read by diffusers, conditions the model exactly as sdtune's in-training encoder did."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = tiny_checkpoint(family)
     job, outputs = run_job(ti_config(tmp_path, path, image_folder))
@@ -89,18 +89,9 @@ def test_diffusers_load_textual_inversion_gives_the_same_prompt_embeddings(
     with torch.no_grad():
         ours = encode_prompts(job.model, [expand_token(prompt, "<new-thing>", 3)])
     fresh = load_model(path)
-    scheduler = DDIMScheduler.from_config(fresh.scheduler_config)
     file = next(p for p in outputs if p.suffix == ".safetensors")
+    pipe = make_pipeline(fresh)  # diffusers' own SD / SDXL pipeline over the fresh base modules
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=fresh.vae,
-            text_encoder=fresh.text_encoders[0],
-            text_encoder_2=fresh.text_encoders[1],
-            tokenizer=fresh.tokenizers[0],
-            tokenizer_2=fresh.tokenizers[1],
-            unet=fresh.unet,
-            scheduler=scheduler,
-        )
         state = load_embedding(file).vectors
         pipe.load_textual_inversion(
             state["clip_l"], token="<new-thing>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
@@ -112,16 +103,6 @@ def test_diffusers_load_textual_inversion_gives_the_same_prompt_embeddings(
             context, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
         torch.testing.assert_close(pooled, ours.pooled)
     else:
-        pipe = StableDiffusionPipeline(
-            vae=fresh.vae,
-            text_encoder=fresh.text_encoders[0],
-            tokenizer=fresh.tokenizers[0],
-            unet=fresh.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
         pipe.load_textual_inversion(str(file), token="<new-thing>")
         with torch.no_grad():
             context, _ = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)

@@ -8,7 +8,12 @@ import pytest
 
 from sdtune.config import load_train_config
 
-METHOD_ABBREVIATIONS = {"ti": "textual_inversion"} | dict.fromkeys(("lora", "dora", "locon", "loha", "lokr"), "lora")
+METHOD_ABBREVIATIONS = {
+    "ti": "textual_inversion",
+    "hn": "hypernetwork",
+    "db": "dreambooth",
+    "ft": "finetune",
+} | dict.fromkeys(("lora", "dora", "locon", "loha", "lokr"), "lora")
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 

@@ -32,3 +32,42 @@ def image_folder(tmp_path):
         Image.fromarray(pixels).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"tag{i}, red, square")
     return folder
+
+
+@pytest.fixture
+def diffusers_pipelines(tmp_path_factory):
+    """What diffusers itself makes of an exported whole model: ``load(folder, file, model)`` returns the pipelines
+    of ``from_pretrained(folder)`` and ``from_single_file(file)`` (with sdtune's shipped configs at ``model``'s
+    widths), so tests compare them with the model that trained."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.models.shipped import materialize_config_dir
+
+    def load(folder: Path, file: Path, model):
+        config = materialize_config_dir(model.family, tmp_path_factory.mktemp("config"), configs=model.configs())
+        from_folder = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None)
+        from_file = StableDiffusionPipeline.from_single_file(
+            str(file), config=str(config), local_files_only=True, safety_checker=None
+        )
+        return from_folder, from_file
+
+    return load
+
+
+@pytest.fixture
+def unet_output():
+    """``unet_output(unet)``: the UNet's prediction on fixed inputs, computed in fp32 (weights cast for the call)."""
+
+    def run(unet) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randn(1, unet.config.in_channels, 16, 16, generator=g)
+        context = torch.randn(1, 7, unet.config.cross_attention_dim, generator=g)
+        dtype, training = unet.dtype, unet.training
+        unet.to(torch.float32).eval()
+        try:
+            with torch.no_grad():
+                return unet(sample, torch.tensor([500]), context).sample
+        finally:
+            unet.to(dtype).train(training)
+
+    return run

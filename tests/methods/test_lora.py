@@ -59,6 +59,7 @@ def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
         "adapter": adapter,
         "targets": "all" if adapter == "locon" else "attention_ff",
         "train_text_encoder": adapter in ("lora", "loha"),
+        "save": {"dtype": "fp16" if adapter in ("lora", "lokr") else "fp32"},
     }
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, **extra))
     base = load_model(path)
@@ -73,6 +74,8 @@ def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
     with safe_open(str(outputs[0]), "pt") as fh:
         layout = detect_lora_layout(fh.keys())
         meta = fh.metadata()
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys() if not k.endswith(".alpha")}
+    assert dtypes == {torch.float16 if extra["save"]["dtype"] == "fp16" else torch.float32}  # save.dtype
     assert layout == ("kohya" if adapter in ("lora", "locon") else "lycoris")
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["sshs_model_hash"]
 

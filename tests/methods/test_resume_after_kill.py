@@ -84,3 +84,29 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint,
         assert (a[key] - b[key]).abs().max() == 0, key  # bit-exact: every random draw is replayed
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_gracefully_with_checkpoint_and_outputs_then_resumes(tmp_path, tiny_checkpoint, image_folder):
+    model = tiny_checkpoint("sd1")
+    cfg = _config(tmp_path, "stopped", model, image_folder)
+    run = tmp_path / "runs" / "stopped"
+    proc = _sdtune("train", str(cfg))
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / f"step-{EVERY}" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what the web UI's stop button sends
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+    stopped_at = steps[-1]
+    assert EVERY <= stopped_at < STEPS  # it stopped early, after writing a checkpoint of the step it finished
+    assert (run / "output" / "thing.safetensors").is_file()  # and the outputs of that step
+    log = (run / "events.log").read_text()
+    assert f"finished at step {stopped_at} (stopped on request)" in log
+    assert log.count(f"checkpoints/step-{stopped_at}\n") == 1  # not written twice when it was just saved
+    resumed = _sdtune("train", str(cfg), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert (run / "checkpoints" / f"step-{STEPS}" / "state.json").is_file()
+    assert not (run / "STOP").exists()  # the resumed run cleared the old request

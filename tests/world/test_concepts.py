@@ -14,7 +14,8 @@ from sdtune.world.concepts import (
     BASE_FG_COLOURS,
     BASE_SHAPES,
     CONCEPTS,
-    HELD_OUT_FG_COLOURS,
+    CORE_FG_COLOURS,
+    HELD_OUT_PAIRINGS,
     HELD_OUT_SHAPES,
     TRAIN_BACKGROUNDS,
     Concept,
@@ -29,15 +30,14 @@ from sdtune.world.concepts import (
 )
 from sdtune.world.palette import COLOURS
 from sdtune.world.scorer import matches, score_image
-from sdtune.world.shapes import SHAPES, Scene, render
+from sdtune.world.shapes import Scene, render
 
 
 def _held_out_phrases() -> list[re.Pattern[str]]:
-    """Caption patterns that would leak a held-out concept: the shape word, or a held-out fg colour
-    directly in front of a shape word (optionally after a size word)."""
-    shapes = "|".join(SHAPES)
+    """Caption patterns that would leak a held-out concept: the shape word, or a held-out pairing's colour
+    directly in front of its shape word."""
     patterns = [re.compile(rf"\b{s}s?\b") for s in HELD_OUT_SHAPES]
-    patterns += [re.compile(rf"\b{c} ({shapes})\b") for c in HELD_OUT_FG_COLOURS]
+    patterns += [re.compile(rf"\b{c} {s}s?\b") for s, c in HELD_OUT_PAIRINGS]
     return patterns
 
 
@@ -51,9 +51,21 @@ def test_held_out_concepts_never_appear_in_base_training() -> None:
         shapes[scene.shape] += 1
         fgs[scene.fg] += 1
         bgs[scene.bg] += 1
-    # Everything else is covered, and held-out fg colours still appear as backgrounds.
-    assert set(shapes) == set(BASE_SHAPES) and set(fgs) == set(BASE_FG_COLOURS)
-    assert HELD_OUT_FG_COLOURS <= set(bgs) and set(bgs) == set(COLOURS)
+    # Everything else is covered: every shape, every colour as foreground and background, and both halves
+    # of each held-out pairing with other partners.
+    assert set(shapes) == set(BASE_SHAPES) and set(fgs) == set(BASE_FG_COLOURS) == set(COLOURS)
+    assert set(bgs) == set(COLOURS)
+    pairs = Counter((s.shape, s.fg) for s, _ in base_training_examples(5000, seed=11))
+    for shape, fg in HELD_OUT_PAIRINGS:
+        assert sum(n for (sh, _), n in pairs.items() if sh == shape) > 300
+        assert sum(n for (_, f), n in pairs.items() if f == fg) > 300
+
+
+def test_curriculum_first_phase_keeps_teal_in_the_background() -> None:
+    assert "teal" not in CORE_FG_COLOURS and set(CORE_FG_COLOURS) | {"teal"} == set(COLOURS)
+    scenes = [s for s, _ in base_training_examples(2000, seed=5, fg_colours=CORE_FG_COLOURS)]
+    assert not any(s.fg == "teal" or is_held_out(s) for s in scenes)
+    assert any(s.bg == "teal" for s in scenes)
 
 
 def test_base_training_is_deterministic() -> None:
@@ -68,6 +80,7 @@ def test_is_held_out_flags_both_kinds() -> None:
     assert is_held_out(Scene("star", "red", "blue", 15.0))
     assert is_held_out(Scene("heart", "teal", "white", 15.0))
     assert not is_held_out(Scene("heart", "red", "teal", 15.0))  # teal background is allowed
+    assert not is_held_out(Scene("circle", "teal", "red", 15.0))  # and teal on any other shape
 
 
 def test_concepts_are_held_out_and_well_formed() -> None:
@@ -75,8 +88,9 @@ def test_concepts_are_held_out_and_well_formed() -> None:
     teal_heart, star = CONCEPTS["teal_heart"], CONCEPTS["star"]
     assert (teal_heart.kind, teal_heart.shape, teal_heart.fg) == ("pairing", "heart", "teal")
     assert (star.kind, star.shape, star.fg) == ("shape", "star", None)
-    assert teal_heart.shape in BASE_SHAPES and teal_heart.fg not in BASE_FG_COLOURS
-    assert star.shape in HELD_OUT_SHAPES and "teal" not in star.fg_choices()
+    assert teal_heart.shape in BASE_SHAPES and teal_heart.fg in BASE_FG_COLOURS
+    assert (teal_heart.shape, teal_heart.fg) in HELD_OUT_PAIRINGS
+    assert star.shape in HELD_OUT_SHAPES and set(star.fg_choices()) == set(COLOURS)
     with pytest.raises(ValueError, match="unknown concept 'tealheart'; choose one of teal_heart"):
         get_concept("tealheart")
     with pytest.raises(ValueError, match="unknown concept kind"):
@@ -149,14 +163,15 @@ def test_eval_prompts_use_new_backgrounds(name: str) -> None:
 
 
 def test_base_prompts_are_balanced_deterministic_and_allowed() -> None:
-    prompts = base_prompts(n=90, seed=0)
-    assert len(prompts) == 90 and prompts == base_prompts(n=90, seed=0)
-    assert prompts != base_prompts(n=90, seed=1)
+    n_pairs = len(BASE_SHAPES) * len(BASE_FG_COLOURS) - len(HELD_OUT_PAIRINGS)  # 9 x 11 - 1
+    prompts = base_prompts(n=n_pairs, seed=0)
+    assert len(prompts) == n_pairs and prompts == base_prompts(n=n_pairs, seed=0)
+    assert prompts != base_prompts(n=n_pairs, seed=1)
     shapes = Counter(p.expect.shape for p in prompts)
     fgs = Counter(p.expect.fg for p in prompts)
     assert set(shapes) == set(BASE_SHAPES) and max(shapes.values()) - min(shapes.values()) <= 1
     assert set(fgs) == set(BASE_FG_COLOURS) and max(fgs.values()) - min(fgs.values()) <= 1
-    assert len({(p.expect.shape, p.expect.fg) for p in prompts}) == 90  # every pair once
+    assert len({(p.expect.shape, p.expect.fg) for p in prompts}) == n_pairs  # every allowed pair once
     patterns = _held_out_phrases()
     for p in prompts:
         e = p.expect
@@ -164,3 +179,24 @@ def test_base_prompts_are_balanced_deterministic_and_allowed() -> None:
         assert not any(pat.search(p.prompt) for pat in patterns)
         assert f"{e.fg} {e.shape}" in p.prompt and e.bg in p.prompt
     assert len(base_prompts()) == 64
+
+
+def test_style_dataset_draws_every_scene_on_the_style_background_with_ordinary_captions(tmp_path: Path) -> None:
+    from sdtune.world import STYLES, style_dataset, style_eval_prompts, write_style_dataset
+
+    night = STYLES["night"]
+    data = style_dataset("night", n=24, seed=0)
+    assert data == style_dataset(night, n=24, seed=0) and len(data) == 24
+    named_bgs = set()
+    for scene, text in data:
+        assert scene.bg == night.bg and scene.fg != night.bg and not is_held_out(scene)
+        r = score_image(render(scene))
+        assert (r.shape, r.fg, r.bg) == (scene.shape, scene.fg, night.bg)
+        named = text.split(" on ")[1].split()[-2]  # "... on a blue background" -> the caption's own background
+        assert named != night.bg and f"{scene.fg} {scene.shape}" in text
+        named_bgs.add(named)
+    assert len(named_bgs) >= 5  # the captions keep naming varied backgrounds
+    prompts = style_eval_prompts("night", n=32)
+    assert len(prompts) == 32 and all(p.expect.bg == night.bg and night.bg not in p.prompt for p in prompts)
+    paths = write_style_dataset("night", tmp_path, n=3)
+    assert [p.with_suffix(".txt").read_text().strip() for p in paths] == [t for _, t in data[:3]]

@@ -23,10 +23,18 @@ def run_generate(
     out: Path,
     console: Console,
     embeddings: list[Path] = (),
+    hypernetworks: list[str] = (),
 ) -> None:
     """Load, apply embeddings, generate with fixed seeds, save PNGs with infotext and a grid."""
     from sdtune.formats.hashes import a1111_short_hash
-    from sdtune.inference.generate import GenerationSettings, generate, grid, infotext, save_images
+    from sdtune.inference.generate import (
+        GenerationSettings,
+        apply_hypernetwork,
+        generate,
+        grid,
+        infotext,
+        save_images,
+    )
     from sdtune.inference.infotext import save_png
     from sdtune.inference.samplers import SAMPLERS
     from sdtune.models.loading import load_model, resolve_path
@@ -52,6 +60,10 @@ def run_generate(
             raise SdtuneError(f"{file}: {exc}; rename the file to use another trigger word") from None
         prompts = [expand_token(p, emb.name, emb.num_vectors) for p in prompts]
         console.print(f"embedding {file}: write '{emb.name}' in prompts ({emb.num_vectors} vectors)", highlight=False)
+    for spec in hypernetworks:  # FILE or FILE:strength; several chain in order (A1111)
+        file, strength = parse_hypernetwork_arg(spec)
+        apply_hypernetwork(components, file, strength)
+        console.print(f"hypernetwork {file} at strength {strength:g}", highlight=False)
     settings = GenerationSettings(
         steps=steps, cfg_scale=cfg, sampler=sampler, width=width, height=height, negative_prompt=negative
     )
@@ -68,3 +80,15 @@ def run_generate(
     for p in paths:
         console.print(str(p), highlight=False)
     console.print(f"grid: {sheet}", highlight=False)
+
+
+def parse_hypernetwork_arg(text: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:strength`` (``--hypernetwork style.pt:0.6``); a missing file is a one-line error."""
+    path, _, tail = text.rpartition(":")
+    try:
+        file, strength = (Path(path), float(tail)) if path else (Path(text), 1.0)
+    except ValueError:
+        file, strength = Path(text), 1.0  # a ':' that is part of the path (C:\...)
+    if not file.is_file():
+        raise SdtuneError(f"--hypernetwork: no such file {str(file)!r}; give FILE or FILE:strength, e.g. style.pt:0.8")
+    return file, strength

@@ -20,12 +20,11 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 
 def _dtype(name: str):
-    import torch
+    from sdtune.core.dtypes import TORCH_DTYPES
 
-    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name not in table:
+    if name not in TORCH_DTYPES:
         raise SdtuneError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
-    return table[name]
+    return TORCH_DTYPES[name]
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sdtune.cli.data_cmds import data_app
 from sdtune.cli.lora_cmds import lora_app
 from sdtune.core.errors import SdtuneError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lora_app, name="lora")
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line
 
@@ -50,8 +52,11 @@ def demo(
 
     report = run_demo(out, DemoSettings(steps=steps), console)
     c, b = report["concept_fidelity"], report["base_accuracy"]
-    console.print(f"\n[bold]{report['token']}[/bold] (a teal heart, never drawn by the base model)")
-    console.print(f"concept fidelity: {c['before']:.0%} -> [bold]{c['after']:.0%}[/bold] of {c['n']} images")
+    console.print(f"\n[bold]{report['token']}[/bold] (a teal heart: never in the base model's training images)")
+    console.print(
+        f"concept fidelity with the new word: {c['before']:.0%} before training -> [bold]{c['after']:.0%}[/bold] "
+        f"after, of {c['n']} images (the base model asked in plain words: {c['words']:.0%})"
+    )
     console.print(f"base prompts:     {b['before']:.0%} -> {b['after']:.0%} of {b['n']} images (drift check)")
     for label, path in report["files"].items():
         console.print(f"{label}: {path}", highlight=False)
@@ -64,7 +69,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder's latest checkpoint."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.max_steps=500"),
 ) -> None:
-    """Train with a config (textual inversion today); progress, previews, checkpoints go to runs/<name>/."""
+    """Train with a config (any method); progress, previews, checkpoints go to runs/<name>/."""
     from sdtune.methods.run import resolve, run
 
     cfg, resume = resolve(config, set_, resume)
@@ -95,11 +100,42 @@ def generate_cmd(
     height: int | None = typer.Option(None, help="Height in pixels (default: the model's native size)."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for the PNGs (with A1111 infotext) and grid."),
     embedding: list[Path] = typer.Option([], help="Textual-inversion file(s); its name is the word to use in prompts."),
+    hypernetwork: list[str] = typer.Option([], help="A1111 hypernetwork file(s): FILE or FILE:strength (default 1)."),
 ) -> None:
     """Generate images; each PNG carries A1111-style parameters, and a grid.png shows them all."""
     from sdtune.cli.generate_view import run_generate
 
-    run_generate(prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console, embedding)
+    run_generate(
+        prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console, embedding, hypernetwork
+    )
+
+
+@app.command("ui")
+def ui_cmd(
+    root: list[Path] = typer.Option(
+        [], "--root", help="A folder the UI may read and write (repeat for more); default: the current folder."
+    ),
+    runs: Path | None = typer.Option(None, "--runs", help="Folder of run folders (default: the first root's runs/)."),
+    host: str = typer.Option("127.0.0.1", help="Address to serve on; 127.0.0.1 = this machine only."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port to serve on."),
+) -> None:
+    """Web UI: datasets and captions, training forms from the schemas, live runs, results (needs sdtune[ui])."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SdtuneError("sdtune ui needs gradio; install it with: pip install 'sdtune[ui]'") from None
+    from sdtune.ui.app import launch
+    from sdtune.ui.paths import Roots
+
+    roots = Roots(root or [Path.cwd()])
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(
+            f"[yellow]warning:[/yellow] serving on {host}: anyone who reaches it can train and read "
+            f"files in {roots.shown()}; the UI has no login",
+            highlight=False,
+        )
+    console.print(f"sdtune ui: http://{host}:{port} · folders: {roots.shown()}", highlight=False)
+    launch(roots, runs, host, port)
 
 
 builtin_app = typer.Typer(help="The built-in shapes-world base model.", no_args_is_help=True)
@@ -131,18 +167,23 @@ def builtin_build(
 
 @builtin_app.command("dataset")
 def builtin_dataset(
-    concept: str = typer.Argument(..., help="A held-out concept of the shapes world: teal_heart or star."),
+    concept: str = typer.Argument(
+        ..., help="A held-out concept of the shapes world (teal_heart, star) or a style (night)."
+    ),
     out: Path = typer.Argument(..., help="Folder to write images + .txt captions into."),
     n: int = typer.Option(20, min=1, help="Number of images."),
     token: str | None = typer.Option(None, help="Write this token in the captions instead of the concept's words."),
 ) -> None:
-    """Write a built-in concept dataset (PNG + .txt sidecar captions) for training."""
-    from sdtune.world import get_concept, write_concept_dataset
+    """Write a built-in concept or style dataset (PNG + .txt sidecar captions) for training."""
+    from sdtune.world import CONCEPTS, STYLES, write_concept_dataset, write_style_dataset
 
-    try:
-        paths = write_concept_dataset(get_concept(concept), out, n=n, token=token)
-    except ValueError as exc:
-        raise SdtuneError(f"concept: {exc}") from None
+    if concept in STYLES and token is None:
+        paths = write_style_dataset(concept, out, n=n)
+    elif concept in CONCEPTS:
+        paths = write_concept_dataset(concept, out, n=n, token=token)
+    else:
+        choices = ", ".join([*CONCEPTS, *STYLES])
+        raise SdtuneError(f"concept: unknown {concept!r}; choose one of {choices} (--token is for concepts only)")
     console.print(f"wrote {len(paths)} images with captions to {out}")
 
 

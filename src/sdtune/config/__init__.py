@@ -7,7 +7,16 @@ second. Only pydantic and PyYAML are imported here.
 from sdtune.config.base import StrictModel
 from sdtune.config.errors import config_error, format_validation_error
 from sdtune.config.loading import apply_overrides, dump_yaml, load_config, load_yaml, parse_config
-from sdtune.config.methods import METHOD_SCHEMAS, LoraConfig, MethodConfig, RunBase, TextualInversionConfig
+from sdtune.config.methods import (
+    METHOD_SCHEMAS,
+    DreamBoothConfig,
+    FinetuneConfig,
+    HypernetworkConfig,
+    LoraConfig,
+    MethodConfig,
+    RunBase,
+    TextualInversionConfig,
+)
 from sdtune.config.rate_schedule import RateSchedule, check_rate_schedule, parse_rate_schedule
 
 
@@ -18,6 +27,9 @@ def load_train_config(path, overrides=()) -> RunBase:
 
 __all__ = [
     "METHOD_SCHEMAS",
+    "DreamBoothConfig",
+    "FinetuneConfig",
+    "HypernetworkConfig",
     "LoraConfig",
     "MethodConfig",
     "RunBase",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from sdtune.config.base import StrictModel
 from sdtune.config.rate_schedule import check_rate_schedule
@@ -33,7 +33,9 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     path: str = Field(examples=["./datasets/my-concept"])
-    """Folder of training images. Captions come from `.txt` sidecars, else from file names."""
+    """Training images: a folder (captions from `.txt` sidecars, else file names), a folder of kohya `N_name`
+    sub-folders (`10_teal heart`: 10 repeats), a kohya dataset config `.toml`, or a `.jsonl` manifest
+    (`{"image": ..., "caption": ...}` per line). Chosen by the suffix; check it first with `sdtune data check`."""
     resolution: int | None = Field(None, ge=8, le=4096, multiple_of=8, examples=[512])
     """Training resolution in pixels (square). Empty = the base model's native resolution."""
     template: str | None = Field(None, examples=["subject_filewords"])
@@ -66,6 +68,37 @@ class DataConfig(StrictModel):
     (slower; only worth it to compare speeds)."""
     batch_size: int = Field(1, ge=1, examples=[4])
     """Images per step (per process). Effective batch = batch_size x grad_accum x processes."""
+    alpha_mask: bool = False
+    """Use each image's alpha channel (PNG transparency) as its loss mask: transparent pixels do not train.
+    A mask file (JSONL `mask`, or `masks/<image stem>.png` beside the images) takes precedence."""
+    mask_floor: float = Field(0.0, ge=0.0, le=1.0, examples=[0.1])
+    """Loss weight of fully masked-out (black) areas: 0 ignores them, e.g. 0.1 keeps a little of the background."""
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.1])
+    """Share of the images held out for validation (chosen by a hash of the file name and `split_seed`, so adding
+    images never moves the others). 0 = no split."""
+    test_split: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.05])
+    """Share of the images held out as a test set: never trained on nor used for validation."""
+    validation_path: str | None = Field(None, examples=["./datasets/my-concept-val"])
+    """Validation images in their own folder, kohya folders, .toml or .jsonl (instead of `validation_split`)."""
+    split_seed: int = Field(0, examples=[0])
+    """Seed of the train/validation/test partition; keep it fixed so the partition never changes."""
+    cache_dir: str | None = Field(None, examples=["./cache"])
+    """Folder for latents and text-encoder outputs kept across runs, keyed by image content, settings and model;
+    reused when nothing changed. Empty = cache in memory for this run only."""
+
+    @model_validator(mode="after")
+    def _consistent_splits(self) -> DataConfig:
+        if self.validation_split + self.test_split >= 1.0:
+            raise ValueError(
+                f"validation_split: with test_split {self.test_split} it leaves no training images "
+                f"(got {self.validation_split}); e.g. 0.1"
+            )
+        if self.validation_path and self.validation_split:
+            raise ValueError(
+                "validation_path: use either validation_path or validation_split, not both; "
+                "set validation_split: 0 or remove validation_path"
+            )
+        return self
 
 
 class OptimizerConfig(StrictModel):
@@ -113,6 +146,11 @@ class TrainConfig(StrictModel):
     """Offset noise strength (Guttenberg 2023); helps very dark or bright images; 0 = off."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet."""
+    validation_every_n_steps: int = Field(0, ge=0, examples=[100])
+    """Compute the validation loss (at fixed noise and timesteps, so values are comparable) every N steps; it goes
+    to metrics.jsonl and TensorBoard. Needs `data.validation_split` or `data.validation_path`. 0 = off."""
+    validation_timesteps: int = Field(4, ge=1, le=100, examples=[4])
+    """Timesteps per validation image, spread evenly over the noise schedule."""
 
 
 class SaveConfig(StrictModel):
@@ -121,7 +159,7 @@ class SaveConfig(StrictModel):
     keep_last: int = Field(3, ge=1, examples=[3])
     """Resumable checkpoints to keep; older ones are pruned."""
     dtype: Literal["fp16", "bf16", "fp32"] = "fp32"
-    """Precision of exported files."""
+    """Precision of exported adapter and model files (embeddings are always written in fp32: they are tiny)."""
 
 
 class PreviewConfig(StrictModel):

@@ -70,6 +70,35 @@ class TextualInversionConfig(RunBase):
         return value
 
 
+def _word_in(word: str, text: str) -> bool:
+    """``word`` occurs in ``text`` as a whole word (not inside a longer word)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
+
+
+def _class_prompt_error(class_prompt: str, token: str, field: str, example: str | None = None) -> str:
+    """The message for a class prompt that names the instance token (the class images would teach the token)."""
+    example = example or " ".join(re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", class_prompt).split())
+    return (
+        f"{field}: contains the instance token {token!r} (got {class_prompt!r}); describe the class without it, "
+        f"e.g. {example or 'a dog'}"
+    )
+
+
+class DreamBoothData(StrictModel):
+    """DreamBooth prior preservation for a concept model: class images of `class_prompt` (made by the base model
+    when fewer than `num_class_images` exist) train beside the instance images, with their own loss weight."""
+
+    class_prompt: str = Field(examples=["a heart"])
+    """What the subject is an instance of, without the trigger word (e.g. `a dog` for `a sks dog`)."""
+    prior_loss_weight: float = Field(1.0, ge=0.0, examples=[1.0])
+    """Weight of the class images' loss: loss = instance loss + prior_loss_weight x class loss."""
+    num_class_images: int = Field(100, ge=1, le=100_000, examples=[100])
+    """Class images to train with; missing ones are generated once with the base model (preview sampler, steps,
+    cfg_scale and negative prompt; image i with seed i) and reused by later runs."""
+    class_data_dir: str | None = Field(None, examples=["class-images/heart"])
+    """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
+
+
 class LoraConfig(RunBase):
     """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
 
@@ -112,6 +141,8 @@ class LoraConfig(RunBase):
     """Learning rate of the pivotal token."""
     token_train_fraction: float = Field(1.0, gt=0.0, le=1.0, examples=[0.5])
     """Train the pivotal token for this fraction of max_steps, then freeze it (the adapters go on)."""
+    dreambooth: DreamBoothData | None = None
+    """LoRA-DreamBooth: also train on class images with prior preservation (see the block's fields). Empty = off."""
 
     @model_validator(mode="after")
     def _consistent(self) -> LoraConfig:
@@ -128,8 +159,242 @@ class LoraConfig(RunBase):
             raise ValueError(f"token: one word without spaces or commas (got {self.token!r}); e.g. <my-concept>")
         if self.file_format == "peft" and self.adapter in ("loha", "lokr"):
             raise ValueError(f"file_format: diffusers cannot load {self.adapter} files; use file_format: kohya")
+        if self.dreambooth and self.token and _word_in(self.token, self.dreambooth.class_prompt):
+            raise ValueError(_class_prompt_error(self.dreambooth.class_prompt, self.token, "dreambooth.class_prompt"))
         return self
 
 
-MethodConfig = Annotated[TextualInversionConfig | LoraConfig, Field(discriminator="method")]
-METHOD_SCHEMAS: dict[str, type[RunBase]] = {"textual_inversion": TextualInversionConfig, "lora": LoraConfig}
+# The names of sdtune.adapters.hypernetwork.ACTIVATIONS (A1111's activation list; a test keeps them equal).
+HypernetworkActivation = Literal[
+    "linear",
+    "relu",
+    "leakyrelu",
+    "elu",
+    "swish",
+    "tanh",
+    "sigmoid",
+    "celu",
+    "gelu",
+    "hardsigmoid",
+    "hardswish",
+    "hardtanh",
+    "logsigmoid",
+    "mish",
+    "prelu",
+    "relu6",
+    "rrelu",
+    "selu",
+    "silu",
+    "softplus",
+    "softsign",
+    "tanhshrink",
+]
+
+
+class HypernetworkConfig(RunBase):
+    """Train an AUTOMATIC1111 hypernetwork: small residual networks that rewrite the attention context before the
+    k and v projections; the model stays frozen. Exported as `<name>.pt` for A1111's models/hypernetworks/.
+    Prompts: the captions as they are (`data.template` empty = filewords); `[name]` in templates = the run name."""
+
+    method: Literal["hypernetwork"]
+    layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0], examples=[[1, 2, 1]])
+    """Layer widths as multiples of the context width (A1111 'layer structure', also written "1, 2, 1"): first and
+    last must be 1. `1, 2, 1` = two Linear layers 768 -> 1536 -> 768 on SD1; `1, 2, 2, 1` adds a hidden layer."""
+    activation: HypernetworkActivation = "linear"
+    """Activation after each Linear except the last (A1111 recommends swish or linear; `swish` is A1111's Hardswish,
+    `silu` the smooth one)."""
+    weight_init: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = "Normal"
+    """Weight initialisation: Normal (N(0, 0.01), A1111's default), Kaiming for relu-like, Xavier for sigmoid-like."""
+    layer_norm: bool = False
+    """Add a LayerNorm after each Linear (A1111 'Add layer normalization')."""
+    activate_output: bool = False
+    """Apply the activation after the last Linear too (A1111 writes false for new hypernetworks)."""
+    dropout: bool = False
+    """Use dropout while training (A1111 'Use dropout'); see dropout_structure."""
+    dropout_structure: list[float] | None = Field(None, examples=[[0, 0.05, 0.15, 0]])
+    """With dropout: one probability per layer_structure entry, first and last 0 (A1111 recommends an increasing
+    sequence up to 0.35). Empty = A1111's older rule: 0.3 after each hidden layer, the last one only with
+    last_layer_dropout."""
+    last_layer_dropout: bool = False
+    """With dropout and no dropout_structure: also drop out after the last hidden layer (A1111's older option)."""
+    sizes: list[int] = Field(default_factory=list, examples=[[768, 320, 640, 1280]])
+    """Context widths to give modules (A1111 'Modules'). Empty = the model's cross-attention width (768 SD1,
+    1024 SD2): the text context. 320, 640, 1280 add the self-attention layers of those widths (A1111's default)."""
+    multiplier: float = Field(1.0, ge=0.0, examples=[0.8])
+    """Strength in previews (A1111's hypernetwork strength); training always uses 1, as A1111 does."""
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+
+    @field_validator("layer_structure", "dropout_structure", mode="before")
+    @classmethod
+    def _from_a1111_text(cls, value):
+        """A1111 writes these as text: "1, 2, 1"."""
+        if isinstance(value, str):
+            try:
+                return [float(x) for x in value.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"expected numbers separated by commas (got {value!r}); e.g. 1, 2, 1") from None
+        return value
+
+    @field_validator("layer_structure")
+    @classmethod
+    def _starts_and_ends_with_one(cls, value: list[float]) -> list[float]:
+        shown = ", ".join(f"{v:g}" for v in value)
+        if len(value) < 2 or value[0] != 1 or value[-1] != 1:
+            raise ValueError(f"must start and end with 1 (got [{shown}]); e.g. [1, 2, 1]")
+        if any(not v > 0 for v in value):
+            raise ValueError(f"every entry must be > 0 (got [{shown}]); e.g. [1, 2, 1]")
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive_sizes(cls, value: list[int]) -> list[int]:
+        if any(v <= 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError(f"distinct positive widths (got {value}); e.g. [768, 320, 640, 1280]")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_dropout(self) -> HypernetworkConfig:
+        ds, n = self.dropout_structure, len(self.layer_structure)
+        if ds is not None:
+            if not self.dropout:
+                raise ValueError("dropout_structure: set dropout: true to use it, or remove dropout_structure")
+            if len(ds) != n or ds[0] != 0 or ds[-1] != 0 or any(not 0 <= p < 1 for p in ds):
+                raise ValueError(
+                    f"dropout_structure: needs {n} probabilities in [0, 1), first and last 0, one per "
+                    f"layer_structure entry (got {ds}); e.g. {[0] + [0.1] * (n - 2) + [0]}"
+                )
+        elif self.dropout and n <= 3 and not self.last_layer_dropout:
+            raise ValueError(
+                f"dropout: with {n} layer_structure entries A1111's rule would add no dropout (only after the last "
+                f"hidden layer, with last_layer_dropout); set last_layer_dropout: true or give dropout_structure, "
+                f"e.g. {[0] + [0.1] * (n - 2) + [0]}"
+            )
+        return self
+
+
+_CAPTION_OPTIONS = ("shuffle_tags", "keep_tags", "tag_dropout", "caption_dropout")
+
+
+class DreamBoothConfig(RunBase):
+    """DreamBooth: fine-tune the model's own weights (UNet, optionally the text encoders) on a few images of one
+    subject named by a rare word, with prior preservation on class images so the class keeps its meaning. Exported
+    as a whole model: a diffusers folder and one `.safetensors` checkpoint (A1111, ComfyUI)."""
+
+    method: Literal["dreambooth"]
+    instance_token: str = Field(examples=["sks"])
+    """The rare word that names your subject (e.g. `sks`); write it in prompts to get the subject."""
+    instance_prompt: str = Field(examples=["a sks heart"])
+    """The prompt every instance image trains with; contains instance_token. `[filewords]` inserts the image's
+    caption (then the captions must contain instance_token, and the data.* caption options apply to them)."""
+    prior_preservation: bool = True
+    """Train on class images of class_prompt too (Ruiz et al. 2023), so the class keeps its meaning."""
+    class_prompt: str | None = Field(None, examples=["a heart"])
+    """What the subject is an instance of, without instance_token (e.g. `a dog` for `a sks dog`)."""
+    prior_loss_weight: float = Field(1.0, ge=0.0, examples=[1.0])
+    """Weight of the class images' loss: loss = instance loss + prior_loss_weight x class loss."""
+    num_class_images: int = Field(100, ge=1, le=100_000, examples=[100])
+    """Class images to train with; missing ones are generated once with the base model (preview sampler, steps,
+    cfg_scale and negative prompt; image i with seed i) and reused by later runs."""
+    class_data_dir: str | None = Field(None, examples=["class-images/heart"])
+    """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
+    train_text_encoder: bool = False
+    """Train the text encoder(s) too (both for SDXL): learns the token faster, needs more memory."""
+    unet_lr: float | None = Field(None, gt=0, examples=[5e-6])
+    """Learning rate of the UNet. Empty = optimizer.lr."""
+    text_encoder_lr: float | None = Field(None, gt=0, examples=[2e-6])
+    """Learning rate of the text encoder(s). Empty = optimizer.lr."""
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+    save: SaveConfig = Field(default_factory=lambda: SaveConfig(dtype="fp16"))
+
+    @field_validator("instance_token")
+    @classmethod
+    def _token_is_one_word(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or "," in value:
+            raise ValueError(f"one word without spaces or commas (got {value!r}); e.g. sks")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DreamBoothConfig:
+        token, prompt = self.instance_token, self.instance_prompt
+        uses_captions = "[filewords]" in prompt
+        if not uses_captions and not _word_in(token, prompt):
+            raise ValueError(
+                f"instance_prompt: must contain instance_token {token!r} (got {prompt!r}); e.g. a {token} dog"
+            )
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError(
+                "class_prompt: prior_preservation needs the class of the subject, e.g. a heart "
+                "(or set prior_preservation: false)"
+            )
+        if self.class_prompt and _word_in(token, self.class_prompt):
+            example = " ".join(re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", prompt).split())
+            raise ValueError(_class_prompt_error(self.class_prompt, token, "class_prompt", example or None))
+        if self.data.template:
+            raise ValueError(
+                "data.template: DreamBooth trains every instance image with instance_prompt; remove data.template "
+                "(write [filewords] in instance_prompt to use the captions)"
+            )
+        if not uses_captions:
+            for name in _CAPTION_OPTIONS:
+                if getattr(self.data, name):
+                    raise ValueError(
+                        f"data.{name}: applies to captions, which DreamBooth uses only through [filewords] in "
+                        f"instance_prompt; add [filewords] or turn data.{name} off"
+                    )
+        _check_rates(self.optimizer.lr, self.unet_lr, self.text_encoder_lr)
+        return self
+
+
+class FinetuneConfig(RunBase):
+    """Full fine-tune: train the model's own weights (UNet and/or text encoders) on captioned images, optionally
+    with an EMA of the weights. Exported as a diffusers folder and one `.safetensors` file (A1111, ComfyUI)."""
+
+    method: Literal["finetune"]
+    train_unet: bool = True
+    """Train the UNet."""
+    train_text_encoder: bool = False
+    """Train the text encoder(s) too (both for SDXL)."""
+    unet_lr: float | None = Field(None, gt=0, examples=[1e-5])
+    """Learning rate of the UNet. Empty = optimizer.lr."""
+    text_encoder_lr: float | None = Field(None, gt=0, examples=[5e-6])
+    """Learning rate of the text encoder(s). Empty = optimizer.lr."""
+    ema: bool = False
+    """Keep an exponential moving average of the trained weights (diffusers' EMAModel); previews show it and it is
+    what is exported. Costs one more copy of the trained weights in memory and in checkpoints."""
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, examples=[0.9999])
+    """EMA decay per step: the average spans about 1 / (1 - decay) steps. It ramps up as (1 + t) / (10 + t) first;
+    for short runs use 0.99-0.999."""
+    export: Literal["full", "trained"] = "full"
+    """What the output holds: `full` = the whole model (diffusers pipeline folder + A1111/ComfyUI checkpoint);
+    `trained` = only the trained components (diffusers sub-folders such as `unet/`, and a file with only their keys
+    in the checkpoint layout, e.g. a UNet for ComfyUI's diffusion-model loader)."""
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    save: SaveConfig = Field(default_factory=lambda: SaveConfig(dtype="fp16"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("train_unet: nothing to train; enable train_unet or train_text_encoder")
+        _check_rates(self.optimizer.lr, self.unet_lr, self.text_encoder_lr)
+        return self
+
+
+def _check_rates(lr: float | str, unet_lr: float | None, text_encoder_lr: float | None) -> None:
+    if isinstance(lr, str) and (unet_lr or text_encoder_lr):
+        raise ValueError(
+            "optimizer.lr: a rate:step schedule string applies to every component; "
+            "leave unet_lr and text_encoder_lr empty"
+        )
+
+
+MethodConfig = Annotated[
+    TextualInversionConfig | LoraConfig | HypernetworkConfig | DreamBoothConfig | FinetuneConfig,
+    Field(discriminator="method"),
+]
+METHOD_SCHEMAS: dict[str, type[RunBase]] = {
+    "textual_inversion": TextualInversionConfig,
+    "lora": LoraConfig,
+    "hypernetwork": HypernetworkConfig,
+    "dreambooth": DreamBoothConfig,
+    "finetune": FinetuneConfig,
+}

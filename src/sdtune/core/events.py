@@ -31,6 +31,14 @@ class StepEnd:
 
 
 @dataclass(frozen=True)
+class ValidationLoss:
+    """The validation loss after ``step`` (fixed noise and timesteps: comparable across steps)."""
+
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class SampleSaved:
     step: int
     paths: tuple[str, ...]
@@ -57,7 +65,7 @@ class RunFailed:
     last_checkpoint: str | None = None
 
 
-Event = RunStarted | StepEnd | SampleSaved | CheckpointSaved | RunFinished | RunFailed
+Event = RunStarted | StepEnd | ValidationLoss | SampleSaved | CheckpointSaved | RunFinished | RunFailed
 Listener = Callable[[Event], None]
 
 

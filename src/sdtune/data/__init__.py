@@ -1,6 +1,7 @@
 """The dataset layer: images, captions, prompt templates and cached VAE latents for the training loop.
 
-May import only :mod:`sdtune.core`, :mod:`sdtune.config`, the standard library, torch, numpy and Pillow.
+May import only :mod:`sdtune.core`, :mod:`sdtune.config`, the standard library and third-party libraries (torch,
+numpy, Pillow, safetensors; transformers and onnxruntime only inside :mod:`sdtune.data.captioners`' classes).
 """
 
 from __future__ import annotations

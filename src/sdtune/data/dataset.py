@@ -1,29 +1,115 @@
-"""A folder of images with captions, loaded once: decoded images, caption text and cached VAE latents."""
+"""Training examples loaded once: decoded images, caption text and cached VAE latents.
+
+``data.path`` may be a folder, kohya ``N_name`` folders, a kohya ``.toml`` or a ``.jsonl`` manifest (see
+:mod:`sdtune.data.sources`). Each image is decoded once; broken ones are reported by name and left out. An
+entry with ``repeats = r`` becomes r examples that share one cached latent; examples are ordered in rounds
+(every entry once, then every entry with repeats >= 2 again, ...) so the first examples are distinct images.
+
+Also here: the train / validation / test partition (:mod:`sdtune.data.splits`), per-pixel loss weights from masks
+(:mod:`sdtune.data.masks`, mirrored with their latents) and the disk cache of latents (``data.cache_dir``,
+:mod:`sdtune.data.disk_cache`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdtune.config.blocks import DataConfig
+from sdtune.core.errors import DataError
 from sdtune.data.captions import caption_for
-from sdtune.data.images import Skipped, load_image, scan_images
+from sdtune.data.disk_cache import DiskCache
+from sdtune.data.images import IMAGE_SUFFIXES, Skipped, decode_all, load_image
 from sdtune.data.latents import LatentCache
+from sdtune.data.masks import loss_weights
+from sdtune.data.sources import Entry, Sources, load_sources
+from sdtune.data.splits import Split, split_entries
+
+# kohya TOML key -> the data.* field that sdtune applies once per run
+_CONFIG_FIELD = {
+    "batch_size": "batch_size",
+    "keep_tokens": "keep_tags",
+    "shuffle_caption": "shuffle_tags",
+    "flip_aug": "flip",
+    "caption_dropout_rate": "caption_dropout",
+    "caption_tag_dropout_rate": "tag_dropout",
+}
+
+
+def check_source_settings(sources: Sources, cfg: DataConfig, resolution: int) -> None:
+    """Training options a kohya TOML sets must equal the run's: sdtune applies one value per run, and an option
+    silently ignored would train something other than the TOML says. Raises :class:`DataError` naming both."""
+    for s in sources.settings:
+        if s.key == "resolution":
+            sides = s.value if isinstance(s.value, list) else [s.value, s.value]
+            if sides[0] != sides[1]:
+                raise DataError(
+                    f"{cfg.path}: {s.where} sets resolution = {s.value}, but sdtune trains square {resolution} px "
+                    "images; remove resolution from the TOML or make it square"
+                )
+            if sides[0] != resolution:
+                raise DataError(
+                    f"{cfg.path}: {s.where} sets resolution = {s.value}, but this run trains at {resolution} px; "
+                    f"set data.resolution: {sides[0]} or remove resolution from the TOML"
+                )
+            continue
+        name = _CONFIG_FIELD[s.key]
+        ours = getattr(cfg, name)
+        if s.value != ours:
+            value, ours = (str(v).lower() if isinstance(v, bool) else v for v in (s.value, ours))
+            raise DataError(
+                f"{cfg.path}: {s.where} sets {s.key} = {value}, but data.{name} is {ours} and sdtune applies one "
+                f"value per run; set data.{name}: {value} or remove {s.key} from the TOML"
+            )
+
+
+def has_validation(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` sets validation images aside (``data.validation_split`` or ``data.validation_path``)."""
+    return bool(cfg.validation_split or cfg.validation_path)
+
+
+def keep_decodable(entries: Sequence[Entry]) -> tuple[list[Entry], list[Skipped]]:
+    """Decode every distinct image of ``entries`` once; the entries whose image decodes, and the others."""
+    unique = list(dict.fromkeys(e.image for e in entries))
+    good, skipped = decode_all(unique)
+    ok = set(good)
+    return [e for e in entries if e.image in ok], skipped
+
+
+def _example_order(repeats: Sequence[int]) -> list[int]:
+    """Entry index of each example: round r lists, in order, every entry with more than r repeats."""
+    return [i for r in range(max(repeats, default=0)) for i, n in enumerate(repeats) if n > r]
 
 
 @dataclass
 class ImageCaptionSet:
-    """Training examples: ``captions[i]`` describes image i; ``latents(indices, generators)`` gives its latents."""
+    """Training examples: ``captions[i]`` describes example i; ``latents(indices, generators)`` gives its latents.
+
+    Examples are entries times their repeats; ``image_index[i]`` is example i's row in the latent cache.
+    """
 
     paths: list[Path]
     captions: list[str]
     cache: LatentCache
     vae: Any
     images: torch.Tensor | None  # kept only when latents are not cached (encoded on every use)
+    image_index: list[int] = field(default_factory=list)
+    masks: list[Path | None] = field(default_factory=list)  # mask files named by the source (JSONL "mask")
+    is_reg: list[bool] = field(default_factory=list)  # class images: trained like the others (no prior weight yet)
+    sources: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    weights: torch.Tensor | None = None  # per-pixel loss weights [images, 1, h, w] on the latent grid; None: unmasked
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        self.image_index = self.image_index or list(range(n))
+        self.masks = self.masks or [None] * n
+        self.is_reg = self.is_reg or [False] * n
+        self.sources = self.sources or [""] * n
 
     @classmethod
     def load(
@@ -33,30 +119,143 @@ class ImageCaptionSet:
         resolution: int,
         seed: int,
         report: Callable[[Skipped], None] = lambda item: None,
+        split: Split = "train",
     ) -> ImageCaptionSet:
-        """Scan, decode and caption ``cfg.path``; encode latents once (unless ``cfg.cache_latents`` is off)."""
-        paths, skipped = scan_images(cfg.path)
-        for item in skipped:
+        """Read ``cfg.path`` (folder, kohya folders, kohya ``.toml`` or ``.jsonl``), decode and caption the images,
+        report every left-out file by name through ``report``, and encode latents once (unless
+        ``cfg.cache_latents`` is off).
+
+        ``split`` picks the part of the partition set by ``data.validation_split`` / ``data.test_split`` (all
+        images train when both are 0); ``"validation"`` with ``data.validation_path`` reads that path instead.
+        Validation and test examples are each image once (no repeats). Files the source itself left out are
+        reported with the training split only.
+        """
+        if split == "validation" and cfg.validation_path:
+            sources = load_sources(cfg.validation_path, cfg.caption_extension)
+            check_source_settings(sources, cfg, resolution)
+            entries = [replace(e, repeats=1) for e in sources.entries]
+            return cls.from_entries(entries, cfg, vae, resolution, seed, report, sources.skipped)
+        sources = load_sources(cfg.path, cfg.caption_extension)
+        check_source_settings(sources, cfg, resolution)
+        entries, skipped = sources.entries, sources.skipped
+        if cfg.validation_split or cfg.test_split:
+            parts = split_entries(entries, cfg.split_seed, cfg.validation_split, cfg.test_split)
+            entries = parts[split] if split == "train" else [replace(e, repeats=1) for e in parts[split]]
+            if split == "train" and sources.entries and not entries:
+                raise DataError(
+                    f"data.validation_split: {cfg.validation_split} and test_split {cfg.test_split} leave none of "
+                    f"the {len(sources.entries)} images for training; lower them"
+                )
+            if split != "train":
+                skipped = []
+                if not entries:
+                    field_name = "validation_split" if split == "validation" else "test_split"
+                    raise DataError(
+                        f"data.{field_name}: {getattr(cfg, field_name)} of {len(sources.entries)} images puts none "
+                        f"in the {split} set; raise it or set data.validation_path"
+                    )
+        elif split != "train":
+            raise DataError(f"{cfg.path}: no {split} images; set data.validation_split (e.g. 0.1) or validation_path")
+        return cls.from_entries(entries, cfg, vae, resolution, seed, report, skipped)
+
+    @classmethod
+    def from_entries(
+        cls,
+        entries: Sequence[Entry],
+        cfg: DataConfig,
+        vae: Any,
+        resolution: int,
+        seed: int,
+        report: Callable[[Skipped], None] = lambda item: None,
+        skipped: Sequence[Skipped] = (),
+    ) -> ImageCaptionSet:
+        """Examples from normalized entries (see :mod:`sdtune.data.sources`); ``skipped`` are files the source
+        already left out. A caption of ``None`` follows the ``data.*`` sidecar / file-name rules."""
+        if not entries and not skipped:
+            kinds = ", ".join(IMAGE_SUFFIXES)
+            raise DataError(f"{cfg.path}: no images found ({kinds}); put training images there")
+        kept, broken = keep_decodable(entries)
+        left_out = sorted([*skipped, *broken], key=lambda s: str(s.path))
+        for item in left_out:
             report(item)
-        images = torch.stack([load_image(p, resolution) for p in paths]).to(vae.device, vae.dtype)
-        captions = [caption_for(p, cfg.caption_extension, cfg.filename_word_regex, cfg.filename_join) for p in paths]
-        cache = LatentCache.encode(
-            vae,
-            images if cfg.cache_latents else images[:1],
-            cfg.latent_sampling,
-            torch.Generator().manual_seed(seed),
-            flip=cfg.flip,
+        if not kept:
+            first = left_out[0]
+            raise DataError(
+                f"{cfg.path}: none of the {len(left_out)} image files can be used, e.g. {first.path.name}: "
+                f"{first.reason}"
+            )
+        rows = {p: i for i, p in enumerate(dict.fromkeys(e.image for e in kept))}
+        first_entry = {e.image: e for e in reversed(kept)}  # the first entry of each image decides its mask
+        captions = [
+            caption_for(e.image, cfg.caption_extension, cfg.filename_word_regex, cfg.filename_join)
+            if e.caption is None
+            else e.caption
+            for e in kept
+        ]
+        order = _example_order([e.repeats for e in kept])
+        images = None
+        if cfg.cache_latents and cfg.cache_dir:  # through the disk cache: only new or changed images are encoded
+            cache = LatentCache.encode_files(
+                vae,
+                list(rows),
+                lambda p: load_image(p, resolution),
+                resolution,
+                cfg.latent_sampling,
+                seed,
+                DiskCache(Path(cfg.cache_dir) / "latents"),
+                flip=cfg.flip,
+            )
+        else:
+            images = torch.stack([load_image(p, resolution) for p in rows]).to(vae.device, vae.dtype)
+            cache = LatentCache.encode(
+                vae,
+                images if cfg.cache_latents else images[:1],
+                cfg.latent_sampling,
+                torch.Generator().manual_seed(seed),
+                flip=cfg.flip,
+            )
+        grid = cache.latent_shape[1:]
+        weights = loss_weights([first_entry[p] for p in rows], grid, cfg.alpha_mask, cfg.mask_floor)
+        return cls(
+            paths=[kept[i].image for i in order],
+            captions=[captions[i] for i in order],
+            cache=cache,
+            vae=vae,
+            images=None if cfg.cache_latents else images,
+            image_index=[rows[kept[i].image] for i in order],
+            masks=[kept[i].mask for i in order],
+            is_reg=[kept[i].is_reg for i in order],
+            sources=[kept[i].source for i in order],
+            skipped=left_out,
+            weights=weights,
         )
-        return cls(paths, captions, cache, vae, None if cfg.cache_latents else images)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def latents(self, indices: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Latents of the examples: from the cache, or (uncached) through the VAE now, one generator per sample."""
+        return self.latents_and_weights(indices, generators)[0]
+
+    def latents_and_weights(
+        self, indices: Sequence[int], generators: Sequence[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents of the examples and their per-pixel loss weights ``[B, 1, h, w]`` (mirrored where the latent is),
+        or ``None`` for weights when the dataset has no masks. Draws from the generators exactly as :meth:`latents`.
+        """
+        rows = [self.image_index[i] for i in indices]
         if self.images is None:
-            return torch.cat([self.cache.get([i], g) for i, g in zip(indices, generators, strict=True)])
-        with torch.no_grad():
-            dist = self.vae.encode(self.images[list(indices)]).latent_dist
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
-            return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+            picked = [self.cache.get_with_flips([r], g) for r, g in zip(rows, generators, strict=True)]
+            latents = torch.cat([lat for lat, _ in picked])
+            mirrored = torch.cat([m for _, m in picked])
+        else:
+            with torch.no_grad():
+                dist = self.vae.encode(self.images[rows]).latent_dist
+                noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
+                latents = (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+            mirrored = torch.zeros(len(rows), dtype=torch.bool)
+        if self.weights is None:
+            return latents, None
+        weights = self.weights[rows]
+        weights = torch.where(mirrored[:, None, None, None], torch.flip(weights, dims=[3]), weights)
+        return latents, weights

@@ -36,6 +36,33 @@ def _is_candidate(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not name.endswith(_PREVIEW_SUFFIX)
 
 
+def is_hidden(path: Path) -> bool:
+    """Dot files (macOS ``._name.png`` resource forks, editors' backups) are never training data."""
+    return path.name.startswith(".")
+
+
+def decode_failure(exc: BaseException) -> str:
+    """The short reason :func:`scan_images` gives when opening or decoding an image raised ``exc``.
+
+    Shared with the dataset check (``sdtune data check``) so that it states exactly what training will do.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels to decode safely"
+    if isinstance(exc, OSError):
+        # errno is set for file-system problems (permissions, I/O errors); Pillow's decode errors have none.
+        if exc.errno is not None:
+            return f"unreadable: {exc.strerror or exc}"
+        if "truncated" in str(exc).lower():
+            return "truncated file"
+        return f"corrupt image: {exc}"
+    if isinstance(exc, EOFError):
+        return "truncated file"
+    # Pillow plugins raise SyntaxError, ValueError, struct.error...
+    return f"corrupt image: {type(exc).__name__}: {exc}"
+
+
 def _decode_problem(path: Path) -> str | None:
     """Fully decode ``path``; return a short reason if that fails, else ``None``."""
     try:
@@ -43,31 +70,17 @@ def _decode_problem(path: Path) -> str | None:
             return "empty file"
         with Image.open(path) as im:
             im.load()
-    except UnidentifiedImageError:
-        return "not an image"
-    except Image.DecompressionBombError:
-        return "too many pixels to decode safely"
-    except OSError as exc:
-        # errno is set for file-system problems (permissions, I/O errors); Pillow's decode errors have none.
-        if exc.errno is not None:
-            return f"unreadable: {exc.strerror or exc}"
-        if "truncated" in str(exc).lower():
-            return "truncated file"
-        return f"corrupt image: {exc}"
-    except EOFError:
-        return "truncated file"
-    except Exception as exc:  # noqa: BLE001 - Pillow plugins raise SyntaxError, ValueError, struct.error...
-        return f"corrupt image: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reason; see decode_failure
+        return decode_failure(exc)
     return None
 
 
-def scan_images(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
-    """Return the decodable images directly in ``folder`` (sorted by name) and the skipped ones.
+def list_candidates(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
+    """The image files directly in ``folder`` that training considers (sorted by name), without decoding them.
 
-    Only files with a suffix in :data:`IMAGE_SUFFIXES` are considered (sub-folders, caption ``.txt`` files
-    and ``*.preview.png`` are ignored). Each is fully decoded once; failures become :class:`Skipped` with
-    a short reason rather than an error, as A1111 and kohya also train on what is readable. Raises
-    :class:`DataError` if the folder is missing, holds no images, or none of them decodes.
+    Candidates have a suffix in :data:`IMAGE_SUFFIXES` (any case) and are not folders or ``*.preview.png``.
+    Hidden candidates (``.name.png``) are returned as :class:`Skipped`. Raises :class:`DataError` if the
+    folder is missing or cannot be listed; an empty result is not an error here.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -79,24 +92,43 @@ def scan_images(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
     except OSError as exc:
         raise DataError(f"{folder}: cannot list the folder ({exc.strerror}); check its permissions") from None
     candidates = [p for p in entries if _is_candidate(p) and not p.is_dir()]
-    if not candidates:
-        kinds = ", ".join(IMAGE_SUFFIXES)
-        raise DataError(f"{folder}: no images found ({kinds}); put training images there")
+    hidden = [Skipped(p, "hidden file") for p in candidates if is_hidden(p)]
+    return [p for p in candidates if not is_hidden(p)], hidden
 
+
+def decode_all(paths: list[Path]) -> tuple[list[Path], list[Skipped]]:
+    """Fully decode each of ``paths`` once: the decodable ones, and the others as :class:`Skipped`."""
     good: list[Path] = []
     skipped: list[Skipped] = []
-    for path in candidates:
+    for path in paths:
         reason = _decode_problem(path)
         if reason is None:
             good.append(path)
         else:
             skipped.append(Skipped(path, reason))
+    return good, skipped
+
+
+def scan_images(folder: str | Path) -> tuple[list[Path], list[Skipped]]:
+    """Return the decodable images directly in ``folder`` (sorted by name) and the skipped ones.
+
+    Only files with a suffix in :data:`IMAGE_SUFFIXES` are considered (sub-folders, caption ``.txt`` files
+    and ``*.preview.png`` are ignored; hidden files are skipped). Each is fully decoded once; failures
+    become :class:`Skipped` with a short reason rather than an error, as A1111 and kohya also train on what
+    is readable. Raises :class:`DataError` if the folder is missing, holds no images, or none of them decodes.
+    """
+    folder = Path(folder)
+    candidates, hidden = list_candidates(folder)
+    if not candidates:
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        raise DataError(f"{folder}: no images found ({kinds}); put training images there")
+    good, skipped = decode_all(candidates)
     if not good:
         first = skipped[0]
         raise DataError(
             f"{folder}: none of the {len(skipped)} images could be decoded, e.g. {first.path.name}: {first.reason}"
         )
-    return good, skipped
+    return good, sorted(hidden + skipped, key=lambda s: s.path.name)
 
 
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
@@ -153,6 +185,11 @@ def _exif_upright(im: Image.Image) -> Image.Image:
         return im
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """What training makes of a decoded image before scaling: EXIF orientation applied, then 8-bit RGB."""
+    return _to_rgb(_exif_upright(im))
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Load ``path`` as a float32 ``[3, size, size]`` tensor in ``[-1, 1]``.
 
@@ -165,8 +202,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     path = Path(path)
     try:
         with Image.open(path) as opened:
-            im = _exif_upright(opened)
-            im = _to_rgb(im)
+            im = upright_rgb(opened)
             im.load()
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"{path}: cannot load the image ({exc}); remove it or re-save it as PNG") from None

@@ -7,14 +7,20 @@ run through the VAE once before training (as A1111's textual-inversion dataset a
 - ``once``: draw one sample from the VAE posterior at encode time and reuse it every step;
 - ``deterministic``: use the posterior mean;
 - ``random``: keep mean and std and draw a new sample every step.
+
+With ``data.cache_dir``, :meth:`LatentCache.encode_files` keeps each image's posterior on disk across runs
+(:mod:`sdtune.data.disk_cache`) and encodes only images it has not seen with these settings and this VAE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from sdtune.data.disk_cache import DiskCache, digest, file_digest, latent_key, module_fingerprint
 
 LatentMode = Literal["once", "deterministic", "random"]
 _MODES = ("once", "deterministic", "random")
@@ -128,6 +134,13 @@ class LatentCache:
         where < 0.5) and for the noise of ``random`` mode (one ``torch.randn`` of the batch's shape). For
         ``once``/``deterministic`` without ``flip`` it is not touched.
         """
+        return self.get_with_flips(indices, generator)[0]
+
+    def get_with_flips(
+        self, indices: torch.Tensor | Sequence[int], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`get`, plus which items came back mirrored (bool ``[B]``), so that per-pixel loss weights can be
+        mirrored with them. Uses the generator exactly as :meth:`get` does."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
         n = len(self)
         if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
@@ -141,4 +154,85 @@ class LatentCache:
         if self._std is not None:
             noise = torch.randn(latents.shape, generator=generator, device=generator.device).cpu()
             latents = latents + self._std[variant, idx] * noise
-        return latents
+        return latents, variant.bool()
+
+    @classmethod
+    def encode_files(
+        cls,
+        vae: Any,
+        paths: Sequence[Path],
+        load: Callable[[Path], torch.Tensor],
+        resolution: int,
+        mode: LatentMode,
+        seed: int,
+        disk: DiskCache,
+        flip: bool = False,
+        batch_size: int = 16,
+    ) -> LatentCache:
+        """Like :meth:`encode`, for image files, through a disk cache (``data.cache_dir``).
+
+        Each image's scaled posterior (mean and std) is stored under :func:`~sdtune.data.disk_cache.latent_key`
+        (its bytes, the crop rule, ``resolution``, mirroring and the VAE's identity); only images without a stored
+        posterior are decoded (``load(path)`` -> ``[3, H, W]`` in ``[-1, 1]``) and encoded, so ``encoded_count``
+        counts real VAE encodes. One stored posterior serves all three modes. The ``once`` sample of an image is
+        drawn from a generator seeded by (``seed``, its key): it does not depend on which other images are loaded.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if not paths:
+            raise ValueError("no images to encode")
+        param = next(vae.parameters())
+        device, dtype = param.device, param.dtype
+        scale = float(_config_value(vae.config, "scaling_factor"))
+        shift = _config_value(vae.config, "shift_factor")
+        shift = 0.0 if shift is None else float(shift)
+        identity = module_fingerprint([vae])
+        contents = [file_digest(p) for p in paths]
+        variants = [False, True] if flip else [False]
+        keys = {(v, i): latent_key(contents[i], resolution, v, identity) for v in variants for i in range(len(paths))}
+        found: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for vi, key in keys.items():
+            stored = disk.get(key)
+            if stored is not None:
+                found[vi] = (stored["mean"], stored["std"])
+        need = [i for i in range(len(paths)) if any((v, i) not in found for v in variants)]
+        count = 0
+        with torch.no_grad():
+            for start in range(0, len(need), batch_size):
+                chunk = need[start : start + batch_size]
+                images = torch.stack([load(paths[i]) for i in chunk])
+                for mirrored in variants:
+                    rows = [j for j, i in enumerate(chunk) if (mirrored, i) not in found]
+                    if not rows:
+                        continue
+                    x = images[rows]
+                    if mirrored:
+                        x = torch.flip(x, dims=[3])
+                    dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+                    count += len(rows)
+                    means = ((dist.mean.float() - shift) * scale).cpu()
+                    stds = (dist.std.float() * scale).cpu()
+                    for r, j in enumerate(rows):
+                        vi = (mirrored, chunk[j])
+                        found[vi] = (means[r].clone(), stds[r].clone())
+                        disk.put(keys[vi], {"mean": found[vi][0], "std": found[vi][1]})
+        means, stds = [], []
+        for mirrored in variants:
+            v_mean = torch.stack([found[(mirrored, i)][0] for i in range(len(paths))]).float()
+            v_std = torch.stack([found[(mirrored, i)][1] for i in range(len(paths))]).float()
+            if mode == "once":
+                noise = torch.stack(
+                    [
+                        torch.randn(v_mean.shape[1:], generator=_key_generator(seed, keys[(mirrored, i)]))
+                        for i in range(len(paths))
+                    ]
+                )
+                v_mean = v_mean + v_std * noise
+            means.append(v_mean)
+            stds.append(v_std)
+        return cls(mode, torch.stack(means), torch.stack(stds) if mode == "random" else None, count)
+
+
+def _key_generator(seed: int, key: str) -> torch.Generator:
+    """A generator that depends only on ``seed`` and a cache key."""
+    return torch.Generator().manual_seed(int(digest(seed, key)[:15], 16))

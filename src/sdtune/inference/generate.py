@@ -12,6 +12,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from sdtune import __version__
+from sdtune.adapters.hypernetwork import InstalledHypernetwork, install
+from sdtune.core.errors import ModelError
+from sdtune.formats.hypernetwork_file import load_hypernetwork
 from sdtune.inference.infotext import format_infotext, save_png
 from sdtune.inference.samplers import infotext_name, make_sampler
 from sdtune.models.components import SDComponents
@@ -47,6 +50,17 @@ def make_pipeline(components: SDComponents, sampler: str = "ddim"):
         requires_safety_checker=False,
         **common,
     )
+
+
+def apply_hypernetwork(components: SDComponents, path: str | Path, strength: float = 1.0) -> InstalledHypernetwork:
+    """Hook an A1111 hypernetwork file into the UNet at ``strength`` (``.remove()`` on the result takes it out)."""
+    hn = load_hypernetwork(path)
+    hn.hypernetwork.multiplier = strength
+    hn.hypernetwork.to(components.unet.device)
+    try:
+        return install(components.unet, hn.hypernetwork)
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}; use a hypernetwork made for this model family") from None
 
 
 def native_size(components: SDComponents) -> int:

@@ -9,6 +9,9 @@ from importlib import import_module
 METHODS: dict[str, str] = {
     "textual_inversion": "sdtune.methods.textual_inversion",
     "lora": "sdtune.methods.lora",
+    "hypernetwork": "sdtune.methods.hypernetwork",
+    "dreambooth": "sdtune.methods.dreambooth",
+    "finetune": "sdtune.methods.finetune",
 }
 
 

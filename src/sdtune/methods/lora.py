@@ -12,6 +12,8 @@ Recipe:
    InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``).
 Pivotal tuning (``token:``): a new word's embedding trains with its own learning rate alongside the adapters,
 is frozen after ``token_train_fraction`` of the steps, and is exported as embedding files next to the LoRA.
+LoRA-DreamBooth (``dreambooth:``): class images of the class prompt, made by the base model when missing, train
+beside the captions with prior preservation (:mod:`sdtune.train.prior`, shared with the DreamBooth method).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,9 +31,11 @@ from rich.console import Console
 from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, peft_config
 from sdtune.adapters.token_embedding import add_trainable_token, expand_token
 from sdtune.config.methods import LoraConfig
+from sdtune.core.dtypes import cast_floats, torch_dtype
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import CaptionOptions, load_templates, process_caption
-from sdtune.data.dataset import ImageCaptionSet
+from sdtune.data.dataset import ImageCaptionSet, has_validation
+from sdtune.data.disk_cache import text_store
 from sdtune.formats.embeddings import Embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
@@ -40,13 +45,14 @@ from sdtune.formats.lora_files import (
     to_kohya,
     to_peft_diffusers,
 )
-from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.inference.generate import GenerationSettings, generate, native_size
 from sdtune.inference.previews import render_previews
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import TextCache, encode_prompts
-from sdtune.train.diffusion import denoising_loss
+from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.loop import sample_rng
+from sdtune.train.prior import PriorPreservation, class_folder
 
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
@@ -69,12 +75,22 @@ class LoraJob:
         # 2. data: latents once; captions through the template (default: the captions as they are)
         self.resolution = cfg.data.resolution or native_size(self.model)
         self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.validation = None  # held-out images (data.validation_split / validation_path) for the validation loss
+        if has_validation(cfg.data):
+            self.validation = ImageCaptionSet.load(
+                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
+            )
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
         fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
         frozen_text = not cfg.train_text_encoder and cfg.token is None
-        self.text_cache = TextCache(self.model) if fixed and frozen_text else None
+        self.text_cache = None  # with data.cache_dir the encodings are kept on disk across runs too
+        if fixed and frozen_text:
+            m = self.model
+            store = text_store(d.cache_dir, m.text_encoders, m.tokenizers, m.family.arch)
+            self.text_cache = TextCache(m, store)
+        self.prior = self._prior(accelerator) if cfg.dreambooth else None  # class images from the base model
 
         # 3a. pivotal tuning: a new word's rows, trained with their own rate, frozen after a fraction of the steps
         self.tables = []
@@ -139,6 +155,33 @@ class LoraJob:
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
+    def _prior(self, accelerator: Accelerator) -> PriorPreservation:
+        """LoRA-DreamBooth: class images (rendered by the base model when missing) paired with every sample."""
+        cfg, db, p = self.cfg, self.cfg.dreambooth, self.cfg.preview
+        settings = GenerationSettings(
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            sampler=p.sampler,
+            width=self.resolution,
+            height=self.resolution,
+            negative_prompt=p.negative_prompt,
+        )
+        return PriorPreservation.prepare(
+            prompt=db.class_prompt,
+            weight=db.prior_loss_weight,
+            count=db.num_class_images,
+            folder=class_folder(db.class_data_dir, cfg.output_dir, cfg.name),
+            instances=self.data,
+            data=cfg.data,
+            vae=self.model.vae,
+            resolution=self.resolution,
+            seed=cfg.train.seed,
+            render=lambda prompts, seeds: generate(self.model, prompts, seeds, settings),
+            accelerator=accelerator,
+            log=lambda message: self.console.print(message, highlight=False),
+            report=self._skipped,
+        )
+
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:
         cfg = self.cfg
@@ -154,16 +197,40 @@ class LoraJob:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def prompt(self, index: int, rng: random.Random) -> str:
+    def prompt(self, index: int, rng: random.Random, captions: list[str] | None = None) -> str:
         cfg = self.cfg
-        text = self.templates.render(
-            cfg.token or "", process_caption(self.data.captions[index], self.caption_options, rng), rng
-        )
+        caption = (captions or self.data.captions)[index]
+        text = self.templates.render(cfg.token or "", process_caption(caption, self.caption_options, rng), rng)
         return expand_token(text, cfg.token, cfg.num_vectors) if cfg.token else text
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        latents = self.data.latents(indices, generators).to(self.model.unet.device)
-        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
+        return self._loss(self.data, indices, generators)
+
+    def validation_loss(self) -> float | None:
+        """The loss on the validation images at fixed noise and timesteps (``None`` without validation images)."""
+        if self.validation is None:
+            return None
+        t = self.cfg.train
+        steps = self.scheduler.config.num_train_timesteps
+        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
+        for module in self.components.values():
+            module.eval()  # no adapter dropout: the same weights must give the same value
+        try:
+            return fixed_validation_loss(
+                batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
+            )
+        finally:
+            for module in self.components.values():
+                module.train()
+
+    def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
+        # masks (data.alpha_mask, mask files) weight the loss per pixel, mirrored with their latents
+        latents, mask = data.latents_and_weights(indices, generators)
+        latents = latents.to(self.model.unet.device)
+        prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
+        weights = None
+        if self.prior and data is self.data:  # LoRA-DreamBooth (training only): a class sample per sample
+            latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask)
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
         t = self.cfg.train
         return denoising_loss(
@@ -175,6 +242,9 @@ class LoraJob:
             resolution=self.resolution,
             noise_offset=t.noise_offset,
             min_snr_gamma=t.min_snr_gamma,
+            mask=mask,
+            timesteps=timesteps,
+            weights=weights,
         )
 
     def after_step(self, step: int) -> None:
@@ -202,7 +272,8 @@ class LoraJob:
     # -- outputs -------------------------------------------------------------------------------------
     def export(self, out_dir: Path, step: int) -> list[Path]:
         cfg, family = self.cfg, self.model.family
-        states = {name: adapter_state(module) for name, module in self.components.items()}
+        dtype = torch_dtype(cfg.save.dtype)
+        states = {name: cast_floats(adapter_state(module), dtype) for name, module in self.components.items()}
         path = Path(out_dir) / f"{cfg.name}.safetensors"
         outputs = [path] + self._export_token(Path(out_dir), step)
         if cfg.file_format == "peft":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,4 +69,27 @@ def run(
         bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
     accelerator.wait_for_everyone()
     job = setup_function(cfg.method)(cfg, accelerator, console)
-    return train(job, cfg, run, bus, accelerator)
+    with _graceful_stop(run, console):
+        return train(job, cfg, run, bus, accelerator)
+
+
+@contextmanager
+def _graceful_stop(run: RunDir, console: Console):
+    """SIGTERM (the web UI's stop, `kill`) and a first Ctrl-C finish the current step, write a checkpoint and the
+    outputs, then stop; a second Ctrl-C aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and run.stop_requested():
+            raise KeyboardInterrupt
+        run.request_stop()
+        console.print("stopping after this step with a checkpoint (Ctrl-C again to abort now)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from sdtune.adapters.token_embedding import add_trainable_token, expand_token, t
 from sdtune.config.methods import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import CaptionOptions, load_templates, process_caption
-from sdtune.data.dataset import ImageCaptionSet
+from sdtune.data.dataset import ImageCaptionSet, has_validation
 from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.png_embedding import save_png_embedding
@@ -35,7 +36,7 @@ from sdtune.inference.generate import GenerationSettings, generate, native_size
 from sdtune.inference.previews import render_previews
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import encode_prompts
-from sdtune.train.diffusion import denoising_loss
+from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.loop import sample_rng
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
@@ -59,6 +60,11 @@ class TextualInversionJob:
         self.resolution = cfg.data.resolution or native_size(self.model)
         self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
         self.captions = self.data.captions
+        self.validation = None  # held-out images (data.validation_split / validation_path) for the validation loss
+        if has_validation(cfg.data):
+            self.validation = ImageCaptionSet.load(
+                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
+            )
         # the token must reach the prompts: through [name] in the templates, or written in every caption
         self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
         named = any("[name]" in line for line in self.templates.lines)
@@ -116,14 +122,30 @@ class TextualInversionJob:
     def num_examples(self) -> int:
         return len(self.captions)
 
-    def prompt(self, index: int, rng: random.Random) -> str:
-        filewords = process_caption(self.captions[index], self.caption_options, rng)
+    def prompt(self, index: int, rng: random.Random, captions: list[str] | None = None) -> str:
+        filewords = process_caption((captions or self.captions)[index], self.caption_options, rng)
         text = self.templates.render(self.cfg.token, filewords, rng)
         return expand_token(text, self.cfg.token, self.cfg.num_vectors)
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        latents = self.data.latents(indices, generators).to(self.tables[0].extra.device)
-        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
+        return self._loss(self.data, indices, generators)
+
+    def validation_loss(self) -> float | None:
+        """The loss on the validation images at fixed noise and timesteps (``None`` without validation images)."""
+        if self.validation is None:
+            return None
+        t = self.cfg.train
+        steps = self.scheduler.config.num_train_timesteps
+        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
+        return fixed_validation_loss(
+            batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
+        )
+
+    def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
+        # masks (data.alpha_mask, mask files) weight the loss per pixel, mirrored with their latents
+        latents, mask = data.latents_and_weights(indices, generators)
+        latents = latents.to(self.tables[0].extra.device)
+        prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
         t = self.cfg.train
         return denoising_loss(
@@ -135,6 +157,8 @@ class TextualInversionJob:
             resolution=self.resolution,
             noise_offset=t.noise_offset,
             min_snr_gamma=t.min_snr_gamma,
+            mask=mask,
+            timesteps=timesteps,
         )
 
     def after_step(self, step: int) -> None:

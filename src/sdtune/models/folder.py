@@ -8,6 +8,7 @@ precision. The folder is written under a temporary name and renamed, so a crash 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -58,16 +59,31 @@ def load_diffusers_folder(
 
 
 def save_diffusers_folder(
-    components: SDComponents, dest: str | Path, *, dtype: torch.dtype = torch.float16, overwrite: bool = False
+    components: SDComponents,
+    dest: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``components`` as a diffusers pipeline folder with weights in ``dtype``."""
+    """Write ``components`` as a diffusers pipeline folder with weights in ``dtype``.
+
+    ``only`` (component names) writes just those sub-folders, e.g. a fine-tuned ``unet/`` that diffusers loads with
+    ``UNet2DConditionModel.from_pretrained(dest, subfolder="unet")``; such a folder has no ``model_index.json``.
+    """
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise ModelError(f"{dest}: already exists; choose another output path or allow overwriting")
+    modules = components.modules()
+    if only is not None and (unknown := [n for n in only if n not in modules]):
+        raise ValueError(f"unknown component {unknown[0]!r}; choose from {', '.join(modules)}")
     with atomic_dir(dest) as tmp:
-        index = json.loads((config_dir(components.family) / "model_index.json").read_text(encoding="utf-8"))
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        for name, module in components.modules().items():
+        if only is None:
+            index = json.loads((config_dir(components.family) / "model_index.json").read_text(encoding="utf-8"))
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        for name, module in modules.items():
+            if only is not None and name not in only:
+                continue
             folder = tmp / name
             folder.mkdir()
             state = {
@@ -81,9 +97,11 @@ def save_diffusers_folder(
                 module.config.save_pretrained(folder)
                 state = {canonical_clip_key(k): v for k, v in state.items()}  # the layout every loader reads
                 save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        for name, tokenizer in zip(TOKENIZER_NAMES, components.tokenizers, strict=False):
-            tokenizer.save_pretrained(tmp / name)
-        (tmp / "scheduler").mkdir()
-        scheduler = dict(components.scheduler_config, prediction_type=components.family.prediction_type)
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2), encoding="utf-8")
+        if only is None:  # a whole pipeline: tokenizers and the scheduler too
+            for name, tokenizer in zip(TOKENIZER_NAMES, components.tokenizers, strict=False):
+                tokenizer.save_pretrained(tmp / name)
+            (tmp / "scheduler").mkdir()
+            scheduler = dict(components.scheduler_config, prediction_type=components.family.prediction_type)
+            text = json.dumps(scheduler, indent=2)
+            (tmp / "scheduler" / "scheduler_config.json").write_text(text, encoding="utf-8")
     return dest

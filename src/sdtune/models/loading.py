@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -62,14 +63,18 @@ def save_model(
     layout: Literal["diffusers", "single_file"] = "single_file",
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Path:
-    """Save as a diffusers folder or as one original-layout file (``.safetensors`` or ``.ckpt``)."""
+    """Save as a diffusers folder or as one original-layout file (``.safetensors`` or ``.ckpt``).
+
+    ``only`` (component names, e.g. ``["unet"]``) saves just those components: a partial folder or file.
+    """
     dest = Path(dest)
     if layout == "diffusers":
-        return save_diffusers_folder(components, dest, dtype=dtype, overwrite=overwrite)
+        return save_diffusers_folder(components, dest, dtype=dtype, overwrite=overwrite, only=only)
     if dest.exists() and not overwrite:
         raise ModelError(f"{dest}: already exists; choose another output path or allow overwriting")
-    return save_single_file(components, dest, dtype=dtype)
+    return save_single_file(components, dest, dtype=dtype, only=only)
 
 
 __all__ = ["ModelFamily", "detect", "load_model", "resolve_path", "save_model"]

@@ -9,6 +9,7 @@ Saving: the same rules in reverse, cast to the chosen dtype, with family and ``m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -93,13 +94,26 @@ def load_single_file(
 
 
 def save_single_file(
-    components: SDComponents, path: str | Path, *, dtype: torch.dtype = torch.float16, title: str | None = None
+    components: SDComponents,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    title: str | None = None,
+    only: Sequence[str] | None = None,
 ) -> Path:
-    """Save as one original-layout file (``.safetensors`` or ``.ckpt``) that A1111 and ComfyUI load."""
+    """Save as one original-layout file (``.safetensors`` or ``.ckpt``) that A1111 and ComfyUI load.
+
+    ``only`` (component names) keeps just those components' keys, e.g. a UNet alone (``model.diffusion_model.*``,
+    what ComfyUI's diffusion-model loader reads); such a file is not a whole checkpoint.
+    """
     path = Path(path)
     modules = components.modules()
+    if only is not None and (unknown := [n for n in only if n not in modules]):
+        raise ValueError(f"unknown component {unknown[0]!r}; choose from {', '.join(modules)}")
     rules = original_layout_rules(components.family, modules)
-    state = to_original({n: m.state_dict() for n, m in modules.items()}, rules)
+    if only is not None:
+        rules = [r for r in rules if r.component in only]
+    state = to_original({n: m.state_dict() for n, m in modules.items() if only is None or n in only}, rules)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     family = components.family
     metadata = {
@@ -115,6 +129,8 @@ def save_single_file(
         "modelspec.title": title or path.stem,
         "modelspec.resolution": f"{family.resolution}x{family.resolution}",
     }
+    if only is not None:
+        metadata["sdtune.components"] = ",".join(n for n in modules if n in only)
     write_state_dict(path, state, metadata)
     return path
 

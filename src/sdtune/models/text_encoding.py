@@ -9,7 +9,7 @@ This matches what diffusers' pipelines feed the UNet, so training and generation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +70,13 @@ class TextCache:
 
     Captions that never change (no shuffling, dropout or trained tokens) give the same conditioning every step,
     so it is computed on first use and kept (on CPU); ``encoded`` counts prompts that went through the encoders.
+    ``store`` keeps the results (default: a dict in memory); any mapping prompt -> ``(context, pooled | None)`` with
+    ``in``, ``[]`` and ``[] =`` works, e.g. :class:`sdtune.data.disk_cache.DiskTextStore` to reuse them across runs.
     """
 
-    def __init__(self, components: SDComponents) -> None:
+    def __init__(self, components: SDComponents, store: MutableMapping | None = None) -> None:
         self.components = components
-        self.store: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.store: MutableMapping[str, tuple[torch.Tensor, torch.Tensor | None]] = {} if store is None else store
         self.encoded = 0
 
     @torch.no_grad()

@@ -1,9 +1,15 @@
 """``sdtune demo``: teach the built-in model a concept it has never seen, and show what was learned.
 
-The concept is the shapes world's held-out pairing *teal heart* (the base model only ever saw teal as a
-background). The demo writes its small dataset, scores the concept and the base prompts before training,
-trains a textual-inversion embedding, scores again, and writes before/after grids, the numbers, the loss plot
-and the embedding files.
+The concept is the shapes world's held-out pairing *teal heart*: the base model drew teal circles, squares, ...
+and hearts of every other colour, but never a teal heart. The demo writes its small dataset and scores, on
+prompts that put the concept on backgrounds its images never show:
+
+* the new word before training (its vectors initialised from "heart", A1111's rule): hearts of any colour;
+* the new word after training: the concept, if the embedding learned it;
+* for reference, the base model asked in plain words ("a teal heart on a blue background");
+
+plus the base prompts before and after (they do not contain the new word, so they must not move). It writes
+before/after grids, the numbers, the loss plot and the embedding files.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from sdtune.adapters.token_embedding import apply_embedding, expand_token
+from sdtune.adapters.token_embedding import a1111_init, apply_embedding, expand_token
 from sdtune.config import TextualInversionConfig
 from sdtune.core.atomic import write_text
 from sdtune.evaluate.world_eval import BUILTIN_EVAL, WorldScore, score_prompts
@@ -30,6 +36,7 @@ from sdtune.world import EvalPrompt, base_prompts, concept_dataset, eval_prompts
 
 TOKEN = "<teal-heart>"
 CONCEPT = "teal_heart"
+INIT_TEXT = "heart"
 
 
 @dataclass
@@ -55,9 +62,18 @@ def write_dataset(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
-def _score(model: SDComponents, prompts: list[EvalPrompt], num_vectors: int) -> WorldScore:
+def _score(model: SDComponents, prompts: list[EvalPrompt], num_vectors: int = 1) -> WorldScore:
     expanded = [EvalPrompt(expand_token(p.prompt, TOKEN, num_vectors), p.expect) for p in prompts]
     return score_prompts(model, expanded, BUILTIN_EVAL, seed=1000, images_per_prompt=2)
+
+
+def _with_initial_token(model: SDComponents, num_vectors: int) -> SDComponents:
+    """``model`` with the new word added as training starts it: A1111's initialisation from ``INIT_TEXT``."""
+    tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
+    ids = tokenizer(INIT_TEXT, add_special_tokens=False).input_ids
+    vectors = a1111_init(encoder.get_input_embeddings().weight.detach(), ids, num_vectors)
+    apply_embedding(model.tokenizers, model.text_encoders, TOKEN, [vectors])
+    return model
 
 
 def _labelled_grid(images: list[Image.Image], label: str) -> Image.Image:
@@ -75,11 +91,15 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
     root = Path(out_root) / "demo-teal-heart"
     data = write_dataset(root / "data", settings.images, settings.seed)
     concept_set = eval_prompts(CONCEPT, token=TOKEN)
+    words_set = eval_prompts(CONCEPT)  # the same prompts and expectations, the concept in words
     base_set = base_prompts(settings.base_prompts, seed=0)
 
     console.print("scoring the built-in model before training ...")
     base_model = load_model("builtin")
-    before_concept = _score(base_model, concept_set, 1)
+    words_concept = _score(base_model, words_set)
+    before_concept = _score(
+        _with_initial_token(load_model("builtin"), settings.num_vectors), concept_set, settings.num_vectors
+    )
     before_base = score_prompts(base_model, base_set, BUILTIN_EVAL, seed=1000)
 
     cfg = TextualInversionConfig.model_validate(
@@ -89,7 +109,7 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
             "output_dir": str(root),
             "token": TOKEN,
             "num_vectors": settings.num_vectors,
-            "init_text": "heart",
+            "init_text": INIT_TEXT,
             "data": {"path": str(data), "template": str(root / "template.txt"), "batch_size": settings.batch_size},
             "optimizer": {"lr": settings.lr},
             "train": {"max_steps": settings.steps, "seed": settings.seed},
@@ -113,7 +133,7 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
 
     before_after = root / "before_after.png"
     rows = [
-        _labelled_grid(before_concept.images[:16], f"before: {TOKEN} prompts"),
+        _labelled_grid(before_concept.images[:16], f"before training: {TOKEN} prompts (initialised as '{INIT_TEXT}')"),
         _labelled_grid(after_concept.images[:16], f"after {settings.steps} steps: {TOKEN} prompts"),
     ]
     canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
@@ -124,7 +144,13 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
         "concept": CONCEPT,
         "token": TOKEN,
         "steps": settings.steps,
-        "concept_fidelity": {"before": before_concept.full, "after": after_concept.full, "n": after_concept.n},
+        # the new word before and after training; for reference the base model asked in plain words
+        "concept_fidelity": {
+            "before": before_concept.full,
+            "after": after_concept.full,
+            "words": words_concept.full,
+            "n": after_concept.n,
+        },
         "base_accuracy": {"before": before_base.full, "after": after_base.full, "n": after_base.n},
         "files": {
             "before_after": str(before_after),

@@ -7,7 +7,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sdtune.core.events import CheckpointSaved, Event, RunFailed, RunFinished, RunStarted, SampleSaved, StepEnd
+from sdtune.core.events import (
+    CheckpointSaved,
+    Event,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    SampleSaved,
+    StepEnd,
+    ValidationLoss,
+)
 from sdtune.train.plots import smooth
 
 
@@ -44,6 +53,8 @@ class ConsoleProgress:
                 f"{event.images_per_second:.1f} img/s epoch {event.epoch}"
             )
             self.progress.update(self.task, completed=event.step, stats=stats)
+        elif isinstance(event, ValidationLoss):
+            self.console.print(f"step {event.step}: validation loss {event.loss:.5f}", highlight=False)
         elif isinstance(event, (CheckpointSaved, SampleSaved)):
             what = f"checkpoint {event.path}" if isinstance(event, CheckpointSaved) else f"previews {event.grid}"
             self.console.print(f"step {event.step}: {what}", highlight=False)
@@ -67,6 +78,8 @@ class TensorBoardLogger:
             self.writer.add_scalar("loss", event.loss, event.step)
             self.writer.add_scalar("lr", event.lr, event.step)
             self.writer.add_scalar("images_per_second", event.images_per_second, event.step)
+        elif isinstance(event, ValidationLoss):
+            self.writer.add_scalar("validation_loss", event.loss, event.step)
         elif isinstance(event, SampleSaved) and event.grid:
             import numpy as np
             from PIL import Image

@@ -26,7 +26,16 @@ from accelerate import Accelerator
 
 from sdtune.config.methods import RunBase
 from sdtune.core.errors import TrainingError
-from sdtune.core.events import CheckpointSaved, EventBus, RunFailed, RunFinished, RunStarted, SampleSaved, StepEnd
+from sdtune.core.events import (
+    CheckpointSaved,
+    EventBus,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    SampleSaved,
+    StepEnd,
+    ValidationLoss,
+)
 from sdtune.train.optim import LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.rundir import RunDir
@@ -60,6 +69,9 @@ class Job(Protocol):
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         """Render preview images into ``out_dir``; return (paths, grid path)."""
+
+    # Optional: ``validation_loss() -> float | None``, the loss on held-out examples at fixed noise and timesteps
+    # (``None``: no validation set). The loop calls it every ``train.validation_every_n_steps`` if a job has it.
 
 
 @dataclass
@@ -114,6 +126,15 @@ def _grad_norm(params: list[torch.nn.Parameter], mode: str, value: float) -> flo
     return float(norm)
 
 
+def _stop_requested(run: RunDir, accelerator: Accelerator) -> bool:
+    """The STOP file exists; with several processes, all agree (one reads it a moment before another)."""
+    stop = run.stop_requested()
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop), device=accelerator.device)
+        stop = bool(accelerator.reduce(flag, reduction="sum") > 0)
+    return stop
+
+
 def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator) -> list[Path]:
     """Train ``job`` to ``cfg.train.max_steps`` (resuming from the run's latest checkpoint); return output paths."""
     t, main = cfg.train, accelerator.is_main_process
@@ -125,6 +146,8 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     optimizer = make_optimizer(groups, cfg.optimizer)
     if main:
         run.ensure()
+        run.clear_stop()  # a stop request belongs to the run that was stopped, not to its resumption
+    accelerator.wait_for_everyone()
 
     # 1. resume: trainable weights, optimizer, step and RNG from the newest complete checkpoint
     start, last_checkpoint = getattr(job, "initial_step", 0), None
@@ -142,7 +165,11 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     lr = LearningRate(optimizer, cfg.optimizer, cfg.schedule, t.max_steps, start)
     stream = ExampleStream(job.num_examples(), cfg.data.repeats, t.seed)
 
+    saved_step = start if last_checkpoint is not None else -1  # the same on every process
+
     def save_checkpoint(step: int) -> Path | None:
+        nonlocal saved_step
+        saved_step = step
         accelerator.wait_for_everyone()
         if not main:
             return None
@@ -174,6 +201,8 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     bus.emit(RunStarted(str(run.root), cfg.method, start, t.max_steps))
     if start == 0 and cfg.preview.before_training:
         preview(0)
+
+    validate = getattr(job, "validation_loss", None) if t.validation_every_n_steps else None
 
     step, reason = start, "max steps reached"
     job.after_step(step)  # let the job set step-dependent state (also when resuming)
@@ -219,25 +248,34 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         step += 1
         job.after_step(step)
         speed = per_step / max(time.perf_counter() - tic, 1e-9)
+        validation = None  # held-out loss at fixed noise and timesteps (main process; not in the step's speed)
+        if main and validate is not None and step % t.validation_every_n_steps == 0:
+            with accelerator.autocast():
+                validation = validate()
         if main:
-            run.append_metrics(
-                {
-                    "step": step,
-                    "epoch": epoch(step),
-                    "loss": loss_value,
-                    "lr": rate,
-                    "images_per_second": round(speed, 3),
-                    "grad_norm": round(grad_norm, 6),
-                }
-            )
+            row = {
+                "step": step,
+                "epoch": epoch(step),
+                "loss": loss_value,
+                "lr": rate,
+                "images_per_second": round(speed, 3),
+                "grad_norm": round(grad_norm, 6),
+            }
+            run.append_metrics(row if validation is None else row | {"validation_loss": validation})
         bus.emit(StepEnd(step, t.max_steps, epoch(step), loss_value, rate, speed, grad_norm))
+        if validation is not None:
+            bus.emit(ValidationLoss(step, validation))
         if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < t.max_steps:
             last_checkpoint = save_checkpoint(step) or last_checkpoint
         if cfg.preview.every_n_steps and step % cfg.preview.every_n_steps == 0 and step < t.max_steps:
             preview(step)
+        if _stop_requested(run, accelerator) and step < t.max_steps:
+            reason = "stopped on request"
+            break
 
-    # 5. the end: a resumable checkpoint, the exported files, final previews
-    save_checkpoint(step)
+    # 5. the end: a resumable checkpoint (unless this step's was just written), the exported files, final previews
+    if saved_step != step:
+        save_checkpoint(step)
     outputs: list[Path] = []
     if main:
         outputs = job.export(run.output, step)

@@ -57,11 +57,20 @@ def diffusion_loss(
     weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample (optionally masked per pixel), weighted per sample, averaged over the batch."""
+    """Mean squared error per sample, weighted per sample (``weights [B]``), averaged over the batch.
+
+    ``mask`` (``[B, 1, h, w]``, broadcast over channels) weights pixels: each sample's error is the mask-weighted
+    mean, ``sum(mask * err) / (C * sum(mask))``, so an all-ones mask gives exactly the unmasked loss and the loss
+    scale does not depend on how much of an image is masked in. A sample whose mask is all zeros contributes 0.
+    """
     err = (prediction.float() - wanted.float()) ** 2
-    if mask is not None:
-        err = err * mask
-    per_sample = err.mean(dim=tuple(range(1, err.ndim)))
+    dims = tuple(range(1, err.ndim))
+    if mask is None:
+        per_sample = err.mean(dim=dims)
+    else:
+        mask = mask.to(err)
+        # mean / mean (not sum / sum): with an all-ones mask this is err.mean() / 1.0, bit for bit
+        per_sample = (err * mask).mean(dim=dims) / mask.mean(dim=dims).clamp_min(1e-12)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

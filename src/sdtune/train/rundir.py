@@ -54,6 +54,19 @@ class RunDir:
         self.metrics_path = self.root / "metrics.jsonl"
         self.events_path = self.root / "events.log"
         self.config_path = self.root / "config.yaml"
+        self.stop_path = self.root / "STOP"
+
+    # -- graceful stop: any process (the web UI, a signal handler, a user with `touch`) may ask ---------
+    def request_stop(self) -> None:
+        """Ask a running job to stop after its current step, with a checkpoint and the exported files."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text(self.stop_path, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    def stop_requested(self) -> bool:
+        return self.stop_path.exists()
+
+    def clear_stop(self) -> None:
+        self.stop_path.unlink(missing_ok=True)
 
     def ensure(self) -> None:
         """Create the run's folders (idempotent)."""

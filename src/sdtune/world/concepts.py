@@ -4,19 +4,20 @@ small datasets and evaluation prompts used to teach and test them.
 Two kinds of held-out concept:
 
 * **shape** (``star``): the shape never appears in base training; the model must learn a new form.
-* **pairing** (``teal_heart``): teal is never a *foreground* colour in base training (only a background),
-  so a teal heart is unseen, yet the model can draw both teal pixels and hearts. An embedding can
-  express it by composing what the model already knows.
+* **pairing** (``teal_heart``): teal is a foreground colour of every other shape and hearts come in every
+  other colour, but a teal heart is never shown. The model can draw teal shapes and hearts, so an embedding
+  can express the pairing by composing what the model already knows.
 
-The held-out property holds by construction: :func:`base_training_scene` only draws from the allowed
-shapes and foreground colours.
+The held-out property holds by construction: :func:`base_training_scene` rejects held-out shapes and
+pairings. The built-in model's build is a curriculum whose first phase also keeps teal out of the
+foreground (``CORE_FG_COLOURS``); both phases draw from this module, so neither ever sees a held-out concept.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,11 @@ from sdtune.world.scorer import Expectation
 from sdtune.world.shapes import SHAPES, Scene, random_scene, render
 
 HELD_OUT_SHAPES = frozenset({"star"})
-HELD_OUT_FG_COLOURS = frozenset({"teal"})  # may still be a background colour
+HELD_OUT_PAIRINGS = frozenset({("heart", "teal")})  # (shape, foreground colour) never shown together
 BASE_SHAPES: tuple[str, ...] = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
-BASE_FG_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c not in HELD_OUT_FG_COLOURS)
+BASE_FG_COLOURS: tuple[str, ...] = COLOURS
+# The build's first (curriculum) phase: teal only ever as a background.
+CORE_FG_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "teal")
 
 # Concept datasets only ever show these backgrounds; evaluation uses the others ("new contexts").
 TRAIN_BACKGROUNDS: tuple[str, ...] = ("white", "black", "yellow", "pink")
@@ -39,23 +42,33 @@ EVAL_BACKGROUNDS: tuple[str, ...] = tuple(c for c in COLOURS if c not in TRAIN_B
 KINDS = ("pairing", "shape")
 
 
+def is_held_out_pair(shape: str, fg: str) -> bool:
+    """True if a ``fg`` ``shape`` is a held-out shape or a held-out pairing."""
+    return shape in HELD_OUT_SHAPES or (shape, fg) in HELD_OUT_PAIRINGS
+
+
 def is_held_out(scene: Scene) -> bool:
-    """True if the scene shows a held-out shape or a held-out foreground colour."""
-    return scene.shape in HELD_OUT_SHAPES or scene.fg in HELD_OUT_FG_COLOURS
+    """True if the scene shows a held-out shape or a held-out shape+colour pairing."""
+    return is_held_out_pair(scene.shape, scene.fg)
 
 
-def base_training_scene(rng: np.random.Generator) -> Scene:
-    """A random scene of the base-training distribution: never a held-out shape or foreground colour."""
-    return random_scene(rng, shapes=BASE_SHAPES, fg_colours=BASE_FG_COLOURS, bg_colours=COLOURS)
+def base_training_scene(rng: np.random.Generator, fg_colours: tuple[str, ...] = BASE_FG_COLOURS) -> Scene:
+    """A random scene of the base-training distribution: never a held-out shape or pairing (rejected)."""
+    while True:
+        scene = random_scene(rng, shapes=BASE_SHAPES, fg_colours=fg_colours, bg_colours=COLOURS)
+        if not is_held_out(scene):
+            return scene
 
 
-def base_training_examples(n: int, seed: int = 0) -> Iterator[tuple[Scene, str]]:
+def base_training_examples(
+    n: int, seed: int = 0, fg_colours: tuple[str, ...] = BASE_FG_COLOURS
+) -> Iterator[tuple[Scene, str]]:
     """``n`` deterministic base-training ``(scene, caption)`` pairs with varied caption templates."""
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        scene = base_training_scene(rng)
+        scene = base_training_scene(rng, fg_colours)
         yield scene, caption(scene, rng)
 
 
@@ -195,8 +208,9 @@ def eval_prompts(concept: Concept | str, token: str | None = None) -> list[EvalP
 def base_prompts(n: int = 64, seed: int = 0) -> list[EvalPrompt]:
     """``n`` deterministic prompts of base-training concepts, balanced over shapes and foreground colours.
 
-    Shapes and colours cycle with coprime periods (9 shapes, 10 colours), so the first 90 prompts cover every
-    shape/colour pair once; the seed shuffles the cycles and draws the backgrounds.
+    Shapes and colours cycle with coprime periods (9 shapes, 11 colours), so the first 99 steps of the cycle
+    visit every shape/colour pair once (held-out pairings are skipped); the seed shuffles the cycles and draws
+    the backgrounds.
     """
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
@@ -204,9 +218,85 @@ def base_prompts(n: int = 64, seed: int = 0) -> list[EvalPrompt]:
     shapes = [BASE_SHAPES[i] for i in rng.permutation(len(BASE_SHAPES))]
     fgs = [BASE_FG_COLOURS[i] for i in rng.permutation(len(BASE_FG_COLOURS))]
     out: list[EvalPrompt] = []
-    for i in range(n):
+    i = -1
+    while len(out) < n:
+        i += 1
         shape, fg = shapes[i % len(shapes)], fgs[i % len(fgs)]
+        if is_held_out_pair(shape, fg):
+            continue
         bgs = [b for b in COLOURS if b != fg]
         bg = bgs[int(rng.integers(len(bgs)))]
         out.append(EvalPrompt(subject_caption(f"{fg} {shape}", bg), Expectation(shape=shape, fg=fg, bg=bg)))
+    return out
+
+
+@dataclass(frozen=True)
+class Style:
+    """A style-like change of every picture: the background is drawn ``bg`` whatever the caption says.
+
+    Captions keep naming the scene's own background (``"a red circle on a blue background"`` under a black one), as
+    a style's images keep their ordinary captions; a method that learns the style makes every prompt come out on
+    ``bg``. The scorer reads it back, so the change is measurable.
+    """
+
+    name: str
+    bg: str
+
+
+STYLES: dict[str, Style] = {"night": Style("night", bg="black")}
+
+
+def get_style(style: Style | str) -> Style:
+    if isinstance(style, Style):
+        return style
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    return STYLES[style]
+
+
+def style_dataset(style: Style | str, n: int = 24, seed: int = 0) -> list[tuple[Scene, str]]:
+    """``n`` deterministic ``(scene drawn in the style, caption of the scene as it would be)`` pairs.
+
+    Scenes come from the base-training distribution with neither colour equal to the style's background.
+    """
+    s = get_style(style)
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    rng = np.random.default_rng(seed)
+    out: list[tuple[Scene, str]] = []
+    while len(out) < n:
+        scene = base_training_scene(rng)
+        if s.bg in (scene.fg, scene.bg):
+            continue
+        out.append((replace(scene, bg=s.bg), subject_caption(f"{scene.fg} {scene.shape}", scene.bg)))
+    return out
+
+
+def write_style_dataset(
+    style: Style | str, out_dir: str | os.PathLike[str], n: int = 24, seed: int = 0, image_size: int = 64
+) -> list[Path]:
+    """Write a style dataset as ``0000.png`` + ``0000.txt`` sidecars; returns the image paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for i, (scene, text) in enumerate(style_dataset(style, n=n, seed=seed)):
+        image_path = out / f"{i:04d}.png"
+        with atomic_path(image_path) as tmp:
+            render(scene, size=image_size).save(tmp, format="PNG")
+        write_text(image_path.with_suffix(".txt"), text + "\n")
+        paths.append(image_path)
+    return paths
+
+
+def style_eval_prompts(style: Style | str, n: int = 32, seed: int = 0) -> list[EvalPrompt]:
+    """Base prompts that name another background; in the style, the scorer should read the style's background."""
+    s = get_style(style)
+    out: list[EvalPrompt] = []
+    for p in base_prompts(3 * n, seed=seed):
+        e = p.expect
+        if s.bg in (e.fg, e.bg):
+            continue
+        out.append(EvalPrompt(p.prompt, Expectation(shape=e.shape, fg=e.fg, bg=s.bg)))
+        if len(out) == n:
+            break
     return out

@@ -1,0 +1,191 @@
+"""Full fine-tune: train the model's own weights (UNet and/or text encoders) on captioned images.
+
+Recipe (diffusers' ``examples/text_to_image/train_text_to_image.py``, kohya's ``fine_tune.py``):
+1. load the base model and freeze all of it;
+2. read the images and captions, encode the images to latents once; when the text encoders are frozen and the
+   captions never change, their conditioning is computed once too;
+3. the chosen components train (UNet, text encoder(s); each at its own rate); the VAE stays frozen; gradient
+   checkpointing with ``train.gradient_checkpointing``; any optimizer of ``optimizer.name``;
+4. EMA (``ema: true``): an exponential moving average of the trained weights, updated after every optimizer step;
+   previews show it, it is what is exported, and checkpoints hold it so a resumed run continues the same average;
+5. loss: the caption (through the template), noise at a random timestep, the UNet's prediction against the noise
+   (or velocity), Min-SNR weighting if configured;
+6. export (``save.dtype``): the whole model as a diffusers folder ``<name>/`` and one ``<name>.safetensors``
+   checkpoint (A1111, ComfyUI), or with ``export: trained`` only the trained components in both layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from sdtune.config.methods import FinetuneConfig
+from sdtune.core.dtypes import torch_dtype
+from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data.dataset import ImageCaptionSet, has_validation
+from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.inference.previews import render_previews
+from sdtune.models.loading import load_model, resolve_path
+from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
+from sdtune.train.ema import WeightAverage
+from sdtune.train.full_weights import (
+    export_model,
+    load_weights_state,
+    named_parameters,
+    trained_modules,
+    unfreeze,
+    weights_state,
+)
+from sdtune.train.loop import sample_rng
+
+
+class FinetuneJob:
+    """The loop's view of a full fine-tune (see :class:`sdtune.train.loop.Job`)."""
+
+    initial_step = 0
+
+    def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator, console: Console | None = None) -> None:
+        self.cfg, self.console = cfg, console or Console()
+
+        # 1. the base model, frozen until step 3 says what trains
+        self.base_path = resolve_path(cfg.model.base)
+        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
+        for module in self.model.modules().values():
+            module.requires_grad_(False).eval()
+        self.scheduler = self.model.noise_scheduler()
+
+        # 2. data: latents once; captions through the template (default: the captions as they are)
+        self.resolution = cfg.data.resolution or native_size(self.model)
+        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.validation = None  # held-out images (data.validation_split / validation_path) for the validation loss
+        if has_validation(cfg.data):
+            self.validation = ImageCaptionSet.load(
+                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
+            )
+        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
+        d = cfg.data
+        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
+        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
+        self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
+
+        # 3. what trains: the chosen components, whole; the VAE stays frozen
+        self.trained = trained_modules(self.model, unet=cfg.train_unet, text_encoders=cfg.train_text_encoder)
+        unfreeze(self.trained, cfg.train.gradient_checkpointing)
+
+        # 4. the EMA of the trained weights (what previews show and export writes)
+        self.ema = WeightAverage(named_parameters(self.trained), cfg.ema_decay) if cfg.ema else None
+
+    def _skipped(self, item) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Inside the block the live modules hold the weights users get: the EMA when it is on."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
+
+    # -- what the loop calls -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[dict]:
+        cfg = self.cfg
+        base = cfg.optimizer.lr if isinstance(cfg.optimizer.lr, float) else 1.0  # string: set per step
+        return [
+            {
+                "params": list(module.parameters()),
+                "lr": (cfg.unet_lr if name == "unet" else cfg.text_encoder_lr) or base,
+            }
+            for name, module in self.trained.items()
+        ]
+
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def prompt(self, index: int, rng: random.Random, captions: list[str] | None = None) -> str:
+        caption = (captions or self.data.captions)[index]
+        return self.templates.render("", process_caption(caption, self.caption_options, rng), rng)
+
+    def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        return self._loss(self.data, indices, generators)
+
+    def validation_loss(self) -> float | None:
+        """The loss on the validation images at fixed noise and timesteps, with the weights users get (the EMA when
+        it is on); ``None`` without validation images."""
+        if self.validation is None:
+            return None
+        t = self.cfg.train
+        steps = self.scheduler.config.num_train_timesteps
+        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
+        with self.averaged():
+            return fixed_validation_loss(
+                batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
+            )
+
+    def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
+        latents, mask = data.latents_and_weights(indices, generators)  # mask: per-pixel weights or None
+        latents = latents.to(self.model.unet.device)
+        prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
+        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
+        t = self.cfg.train
+        return denoising_loss(
+            self.model,
+            self.scheduler,
+            latents,
+            cond,
+            generators,
+            resolution=self.resolution,
+            noise_offset=t.noise_offset,
+            min_snr_gamma=t.min_snr_gamma,
+            mask=mask,
+            timesteps=timesteps,
+        )
+
+    def after_step(self, step: int) -> None:
+        if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)
+            self.ema.update(step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return weights_state(self.trained) | (self.ema.state_dict() if self.ema else {})
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_weights_state(self.trained, state)
+        if self.ema:
+            self.ema.load_state_dict(state)
+
+    # -- outputs -------------------------------------------------------------------------------------
+    def export(self, out_dir: Path, step: int) -> list[Path]:
+        only = list(self.trained) if self.cfg.export == "trained" else None
+        with self.averaged():
+            return export_model(self.model, Path(out_dir), self.cfg.name, torch_dtype(self.cfg.save.dtype), only)
+
+    def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
+        p = self.cfg.preview
+        prompts = list(p.prompts) or [
+            self.templates.render("", self.data.captions[i], random.Random(p.seed))
+            for i in range(min(4, len(self.data)))
+        ]
+        seeds = [p.seed + i for i in range(len(prompts))]
+        settings = GenerationSettings(
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            sampler=p.sampler,
+            width=self.resolution,
+            height=self.resolution,
+            negative_prompt=p.negative_prompt,
+        )
+        for module in self.trained.values():
+            module.eval()
+        try:
+            with self.averaged():
+                return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+        finally:
+            for module in self.trained.values():
+                module.train()
+
+
+def setup(cfg: FinetuneConfig, accelerator: Accelerator, console: Console | None = None) -> FinetuneJob:
+    """Build the job for ``cfg`` (loads model and data, unfreezes what trains; one-line errors for bad input)."""
+    return FinetuneJob(cfg, accelerator, console)

@@ -1,0 +1,178 @@
+"""Hypernetworks (AUTOMATIC1111): small residual MLPs rewrite the attention context before k and v; the model is frozen.
+
+Recipe:
+1. load the base model and freeze all of it;
+2. read the images and captions, encode the images to latents once; the text encoder is frozen, so fixed captions
+   are encoded once too (A1111 pre-encodes them the same way);
+3. build one (k, v) module pair per context width (default: the model's cross-attention width) with A1111's
+   structure and initialisation, seeded by ``train.seed``, and hook it in front of every matching attention
+   layer's ``to_k``/``to_v``; its parameters are the only trainable ones;
+4. loss: the caption (through the template), noise at a random timestep, the hooked UNet's prediction against
+   the noise (or velocity), Min-SNR weighting if configured; the multiplier is 1 while training (A1111);
+5. export: ``<name>.pt`` in A1111's layout (models/hypernetworks/), readable with ``torch.load(weights_only=True)``.
+Previews render with the hypernetwork in eval mode (no dropout) at ``multiplier``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from sdtune.adapters.hypernetwork import (
+    Hypernetwork,
+    HypernetworkSpec,
+    context_widths,
+    install,
+    legacy_dropout_structure,
+)
+from sdtune.config.methods import HypernetworkConfig
+from sdtune.core.errors import ConfigError
+from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data.dataset import ImageCaptionSet
+from sdtune.formats.hashes import a1111_short_hash
+from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
+from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.inference.previews import render_previews
+from sdtune.models.loading import load_model, resolve_path
+from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.train.diffusion import denoising_loss
+from sdtune.train.loop import sample_rng
+
+
+def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
+    """The module structure a config asks for (A1111's legacy dropout rule when no structure is given)."""
+    dropout = None
+    if cfg.dropout:
+        dropout = cfg.dropout_structure or legacy_dropout_structure(cfg.layer_structure, True, cfg.last_layer_dropout)
+    return HypernetworkSpec(
+        layer_structure=tuple(cfg.layer_structure),
+        activation=cfg.activation,
+        layer_norm=cfg.layer_norm,
+        dropout_structure=tuple(dropout) if dropout else None,
+        activate_output=cfg.activate_output,
+        weight_init=cfg.weight_init,
+    )
+
+
+class HypernetworkJob:
+    """The loop's view of a hypernetwork run (see :class:`sdtune.train.loop.Job`)."""
+
+    initial_step = 0
+
+    def __init__(self, cfg: HypernetworkConfig, accelerator: Accelerator, console: Console | None = None) -> None:
+        self.cfg, self.console = cfg, console or Console()
+
+        # 1. the base model, frozen
+        self.base_path = resolve_path(cfg.model.base)
+        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
+        for module in self.model.modules().values():
+            module.requires_grad_(False).eval()
+        self.scheduler = self.model.noise_scheduler()
+
+        # 2. data: latents once; captions through the template (default: the captions as they are)
+        self.resolution = cfg.data.resolution or native_size(self.model)
+        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
+        d = cfg.data
+        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
+        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
+        self.text_cache = TextCache(self.model) if fixed else None
+
+        # 3. the hypernetwork: A1111's structure and init (seeded), hooked before every matching to_k / to_v
+        unet = self.model.unet
+        sizes = cfg.sizes or [int(unet.config.cross_attention_dim)]
+        available = context_widths(unet)
+        if missing := [s for s in sizes if s not in available]:
+            raise ConfigError(
+                f"sizes: no attention layer of this model takes a context of width {missing[0]}; "
+                f"choose from {available} (or leave sizes empty for the cross-attention width)"
+            )
+        self.hypernetwork = Hypernetwork(sizes, spec_of(cfg))
+        self.hypernetwork.reset_parameters(torch.Generator().manual_seed(cfg.train.seed))
+        self.hypernetwork.to(accelerator.device).train()
+        self.installed = install(unet, self.hypernetwork)
+
+    def _skipped(self, item) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+
+    # -- what the loop calls -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[dict]:
+        rate = self.cfg.optimizer.lr if isinstance(self.cfg.optimizer.lr, float) else 1.0  # string: set per step
+        return [{"params": list(self.hypernetwork.parameters()), "lr": rate}]
+
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def prompt(self, index: int, rng: random.Random) -> str:
+        filewords = process_caption(self.data.captions[index], self.caption_options, rng)
+        return self.templates.render(self.cfg.name, filewords, rng)
+
+    def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        latents = self.data.latents(indices, generators).to(self.model.unet.device)
+        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
+        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
+        t = self.cfg.train
+        return denoising_loss(
+            self.model,
+            self.scheduler,
+            latents,
+            cond,
+            generators,
+            resolution=self.resolution,
+            noise_offset=t.noise_offset,
+            min_snr_gamma=t.min_snr_gamma,
+        )
+
+    def after_step(self, step: int) -> None:
+        pass  # nothing step-dependent: the UNet and text encoder are frozen, the hypernetwork always trains
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.hypernetwork.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.hypernetwork.load_state_dict(state)
+
+    # -- outputs -------------------------------------------------------------------------------------
+    def hypernetwork_file(self, step: int) -> HypernetworkFile:
+        return HypernetworkFile(
+            self.hypernetwork,
+            name=self.cfg.name,
+            step=step,
+            sd_checkpoint=a1111_short_hash(self.base_path) if self.base_path.is_file() else None,
+            sd_checkpoint_name=self.base_path.stem,
+        )
+
+    def export(self, out_dir: Path, step: int) -> list[Path]:
+        path = Path(out_dir) / f"{self.cfg.name}.pt"  # A1111 lists the file under its name
+        return [save_hypernetwork(self.hypernetwork_file(step), path, self.cfg.save.dtype)]
+
+    def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
+        p = self.cfg.preview
+        prompts = [q.replace("[name]", self.cfg.name) for q in p.prompts] or [
+            self.templates.render(self.cfg.name, self.data.captions[i], random.Random(p.seed))
+            for i in range(min(4, len(self.data)))
+        ]
+        seeds = [p.seed + i for i in range(len(prompts))]
+        settings = GenerationSettings(
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            sampler=p.sampler,
+            width=self.resolution,
+            height=self.resolution,
+            negative_prompt=p.negative_prompt,
+        )
+        self.hypernetwork.eval()  # no dropout, and the multiplier applies (A1111 ignores it while training)
+        self.hypernetwork.multiplier = self.cfg.multiplier
+        try:
+            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+        finally:
+            self.hypernetwork.train()
+
+
+def setup(cfg: HypernetworkConfig, accelerator: Accelerator, console: Console | None = None) -> HypernetworkJob:
+    """Build the job for ``cfg`` (loads model and data, hooks the hypernetwork in; one-line errors for bad input)."""
+    return HypernetworkJob(cfg, accelerator, console)

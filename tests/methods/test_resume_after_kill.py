@@ -106,7 +106,10 @@ def test_sigterm_stops_gracefully_with_checkpoint_and_outputs_then_resumes(tmp_p
     log = (run / "events.log").read_text()
     assert f"finished at step {stopped_at} (stopped on request)" in log
     assert log.count(f"checkpoints/step-{stopped_at}\n") == 1  # not written twice when it was just saved
+    assert not (run / "STOP").exists()  # an honoured request is consumed
+    (run / "STOP").write_text("stale\n")  # left by a process that died before honouring it
+    os.utime(run / "STOP", (time.time() - 3600, time.time() - 3600))
     resumed = _sdtune("train", str(cfg), "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert (run / "checkpoints" / f"step-{STEPS}" / "state.json").is_file()
-    assert not (run / "STOP").exists()  # the resumed run cleared the old request
+    assert not (run / "STOP").exists()  # the resumed run removed the stale request instead of stopping at once

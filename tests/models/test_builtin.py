@@ -40,16 +40,17 @@ def test_single_file_export_round_trips(builtin, tmp_path):
             assert torch.equal(a, b), (name, k)
 
 
-# Regression guard from measured figures (BENCHMARKS.md: 76.6 % of 64 base prompts at CFG 3; 0 % on both held-out
-# concepts). The bar for the base model is 90 %: not met yet, and this test does not claim it.
-BASE_FLOOR = 0.70
-HELD_OUT_CEILING = 0.10
+# The bar, measured (BENCHMARKS.md): 94.9 % of the 98 base prompts (every allowed shape/colour pair once) at
+# DDIM 20, CFG 7; 0 % on the held-out star. The held-out teal heart is NOT asserted wrong: the model composes it
+# from the words "teal" and "heart" (83 %), which BENCHMARKS.md reports.
+BASE_FLOOR = 0.90
+HELD_OUT_SHAPE_CEILING = 0.10
 
 
 @pytest.mark.slow
-def test_draws_trained_concepts_and_fails_held_out_ones(builtin):
-    base = score_prompts(builtin, base_prompts(64, seed=0), BUILTIN_EVAL, seed=1000)
+def test_draws_trained_concepts_and_fails_the_held_out_shape(builtin):
+    assert BUILTIN_EVAL.cfg_scale == 7.0 and BUILTIN_EVAL.steps == 20 and BUILTIN_EVAL.sampler == "ddim"
+    base = score_prompts(builtin, base_prompts(98, seed=0), BUILTIN_EVAL, seed=1000)
     assert base.full >= BASE_FLOOR, base.summary()
-    for concept in ("teal_heart", "star"):
-        held_out = score_prompts(builtin, eval_prompts(concept), BUILTIN_EVAL, seed=1000)
-        assert held_out.full <= HELD_OUT_CEILING, (concept, held_out.summary())
+    held_out = score_prompts(builtin, eval_prompts("star"), BUILTIN_EVAL, seed=1000)
+    assert held_out.full <= HELD_OUT_SHAPE_CEILING, held_out.summary()

@@ -45,7 +45,7 @@ def validate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs"), help="Folder for the demo run."),
-    steps: int = typer.Option(300, min=1, help="Training steps."),
+    steps: int = typer.Option(500, min=1, help="Training steps."),
 ) -> None:
     """Teach the built-in model a concept it has never seen (an embedding), and show before/after."""
     from sdtune.tools.demo import DemoSettings, run_demo
@@ -119,7 +119,7 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to serve on; 127.0.0.1 = this machine only."),
     port: int = typer.Option(7860, min=1, max=65535, help="Port to serve on."),
 ) -> None:
-    """Web UI: datasets and captions, training forms from the schemas, live runs, results (needs sdtune[ui])."""
+    """Web UI: datasets and captions, training forms from the schemas, live runs, results (needs the ui extra)."""
     try:
         import gradio  # noqa: F401
     except ImportError:

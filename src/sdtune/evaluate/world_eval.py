@@ -16,8 +16,8 @@ from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.models.components import SDComponents
 from sdtune.world import EvalPrompt, Reading, matches, score_image
 
-# The built-in model's documented evaluation settings (BENCHMARKS.md): DDIM, 20 steps.
-BUILTIN_EVAL = GenerationSettings(steps=20, cfg_scale=3.0, sampler="ddim")
+# The built-in model's documented evaluation settings (BENCHMARKS.md): DDIM, 20 steps, CFG 7.
+BUILTIN_EVAL = GenerationSettings(steps=20, cfg_scale=7.0, sampler="ddim")
 
 
 @dataclass

@@ -41,9 +41,9 @@ INIT_TEXT = "heart"
 
 @dataclass
 class DemoSettings:
-    """The demo's recipe; the defaults train in about a minute on 2 CPU cores."""
+    """The demo's recipe; the defaults train and score in about 70 s on 2 CPU cores (BENCHMARKS.md)."""
 
-    steps: int = 300
+    steps: int = 500
     lr: float = 5e-3
     num_vectors: int = 2
     batch_size: int = 4

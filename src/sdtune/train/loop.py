@@ -126,6 +126,9 @@ def _grad_norm(params: list[torch.nn.Parameter], mode: str, value: float) -> flo
     return float(norm)
 
 
+_PROCESS_START = time.time()
+
+
 def _stop_requested(run: RunDir, accelerator: Accelerator) -> bool:
     """The STOP file exists; with several processes, all agree (one reads it a moment before another)."""
     stop = run.stop_requested()
@@ -146,7 +149,9 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     optimizer = make_optimizer(groups, cfg.optimizer)
     if main:
         run.ensure()
-        run.clear_stop()  # a stop request belongs to the run that was stopped, not to its resumption
+        # A STOP left by a process that died before honouring it is stale; one written since this process started
+        # (a signal that arrived during setup) still counts. An honoured request is removed at the end (below).
+        run.clear_stop(older_than=_PROCESS_START)
     accelerator.wait_for_everyone()
 
     # 1. resume: trainable weights, optimizer, step and RNG from the newest complete checkpoint
@@ -188,7 +193,13 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         bus.emit(CheckpointSaved(step, str(path)))
         return path
 
+    previewed_step = -1
+
     def preview(step: int) -> None:
+        nonlocal previewed_step
+        if previewed_step == step:
+            return
+        previewed_step = step
         if main:
             paths, grid = job.preview(run.samples / f"step-{step}", step)
             bus.emit(SampleSaved(step, tuple(map(str, paths)), str(grid) if grid else None))
@@ -281,6 +292,8 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         outputs = job.export(run.output, step)
         run.log(f"finished at step {step} ({reason}); outputs: {', '.join(map(str, outputs))}")
     preview(step)
+    if main and reason == "stopped on request":
+        run.clear_stop()  # honoured: resuming starts clean
     bus.emit(RunFinished(step, tuple(map(str, outputs)), reason))
     return outputs
 

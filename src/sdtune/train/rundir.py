@@ -65,8 +65,13 @@ class RunDir:
     def stop_requested(self) -> bool:
         return self.stop_path.exists()
 
-    def clear_stop(self) -> None:
-        self.stop_path.unlink(missing_ok=True)
+    def clear_stop(self, older_than: float | None = None) -> None:
+        """Remove the STOP file (only if it was written before ``older_than``, a ``time.time()``, when given)."""
+        try:
+            if older_than is None or self.stop_path.stat().st_mtime < older_than:
+                self.stop_path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
 
     def ensure(self) -> None:
         """Create the run's folders (idempotent)."""

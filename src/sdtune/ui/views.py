@@ -1,0 +1,256 @@
+"""What the Runs and Results pages show, read from a run folder: loss curve, previews, logs, outputs, numbers.
+
+Only files of the run folder contract (:mod:`sdtune.train.rundir`) are read, so a run started on the command
+line looks the same as one started from the UI. "Generate with this" runs ``sdtune generate`` in a child process
+with the run's base model and its exported file, so the UI process never loads a model.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from sdtune.config import load_train_config
+from sdtune.config.methods import RunBase
+from sdtune.core.errors import SdtuneError
+from sdtune.inference.infotext import parse_infotext
+from sdtune.train.plots import smooth
+from sdtune.train.rundir import RunDir
+from sdtune.ui.jobs import LOG_FILE, RunStatus
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def status_markdown(status: RunStatus) -> str:
+    """One paragraph: state, step / max, it/s, ETA, checkpoints, and the reason or error."""
+    parts = [f"**{status.name}** ({status.method}): **{status.state}**", f"step {status.step} / {status.max_steps}"]
+    if status.steps_per_second:
+        parts.append(f"{status.steps_per_second:.2f} it/s")
+    if status.eta_seconds is not None:
+        parts.append(f"ETA {_format_seconds(status.eta_seconds)}")
+    if status.pid is not None:
+        parts.append(f"pid {status.pid}")
+    text = " · ".join(parts)
+    shown = ", ".join(f"step-{s}" for s in status.checkpoints) or "none yet"
+    text += f"\n\ncheckpoints: {shown}"
+    if status.message:
+        text += f"\n\n{status.message}"
+    return text
+
+
+def loss_plot(run_root: Path) -> Image.Image | None:
+    """The loss curve (raw, smoothed, validation if logged) as an image; None before the first step."""
+    rows = [r for r in RunDir(run_root).metrics() if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    every = max(1, len(rows) // 4000)  # a long run: plot every k-th point (redrawn once a second while live)
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    ax.plot(steps[::every], losses[::every], color="#9ab", linewidth=0.8, label="loss")
+    ax.plot(steps[::every], smooth(losses)[::every], color="#136", linewidth=1.6, label="smoothed")
+    validation = [(r["step"], r["validation_loss"]) for r in rows if r.get("validation_loss") is not None]
+    if validation:
+        ax.plot(*zip(*validation, strict=True), "o-", color="#c52", markersize=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run_root.name}: step {steps[-1]}")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def sample_steps(run_root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the preview folders ``samples/step-N`` that hold a finished ``grid.png``, by step."""
+    samples = RunDir(run_root).samples
+    found = []
+    if samples.is_dir():
+        for folder in samples.iterdir():
+            m = _STEP.match(folder.name)
+            if m and (folder / "grid.png").is_file():
+                found.append((int(m.group(1)), folder))
+    return sorted(found)
+
+
+def preview_gallery(run_root: Path) -> list[tuple[str, str]]:
+    """Preview grids, newest first, captioned with their step."""
+    return [(str(folder / "grid.png"), f"step {step}") for step, folder in reversed(sample_steps(run_root))]
+
+
+def log_text(run_root: Path, limit: int = 12_000) -> str:
+    """The run's event log, then the tail of the job's console output (errors show there)."""
+    run = RunDir(run_root)
+    events = _tail(run.events_path, limit)
+    console = _tail(run_root / LOG_FILE, limit // 2)
+    text = events or "(no events yet)"
+    if console.strip():
+        text += "\n\n--- console (ui.log) ---\n" + console
+    return text
+
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    before: str | None = None  # grid.png before training (step 0) or the earliest preview
+    after: str | None = None  # the latest preview grid
+    before_label: str = ""
+    after_label: str = ""
+    files: list[str] = field(default_factory=list)  # output/ files to download
+    folders: list[str] = field(default_factory=list)  # output/ folders (diffusers layouts)
+    numbers: list[list] = field(default_factory=list)  # [what, before, after]
+
+
+def results(run_root: Path) -> Results:
+    """Before/after grids, numbers and output files of a run."""
+    run = RunDir(run_root)
+    out = Results()
+    steps = sample_steps(run_root)
+    if steps:
+        (first, first_dir), (last, last_dir) = steps[0], steps[-1]
+        out.before, out.before_label = str(first_dir / "grid.png"), f"before (step {first})"
+        if last != first:
+            out.after, out.after_label = str(last_dir / "grid.png"), f"after (step {last})"
+    if run.output.is_dir():
+        for item in sorted(run.output.iterdir()):
+            (out.folders if item.is_dir() else out.files).append(str(item))
+    out.numbers = numbers(run_root, steps)
+    return out
+
+
+def numbers(run_root: Path, steps: list[tuple[int, Path]] | None = None) -> list[list]:
+    """Rows [measure, before, after]: loss at the start and end (mean of 10 steps), validation loss, and on the
+    built-in model what the shapes-world scorer reads in each preview image before and after training."""
+    rows: list[list] = []
+    metrics = [r for r in RunDir(run_root).metrics() if "loss" in r]
+    if metrics:
+        head, tail = metrics[:10], metrics[-10:]
+        mean = sum(r["loss"] for r in head) / len(head), sum(r["loss"] for r in tail) / len(tail)
+        rows.append(["loss (mean of 10 steps)", f"{mean[0]:.4f}", f"{mean[1]:.4f}"])
+        validation = [r["validation_loss"] for r in metrics if r.get("validation_loss") is not None]
+        if validation:
+            rows.append(["validation loss", f"{validation[0]:.4f}", f"{validation[-1]:.4f}"])
+    steps = sample_steps(run_root) if steps is None else steps
+    cfg = _config(run_root)
+    if cfg is not None and cfg.model.base == "builtin" and len(steps) >= 2:
+        from sdtune.world import score_image
+
+        before, after = steps[0][1], steps[-1][1]
+        for image in sorted(p for p in after.glob("*.png") if p.name != "grid.png"):
+            earlier = before / image.name
+            prompt = _prompt_of(image)
+            readings = [_reading(score_image, p) if p.is_file() else "-" for p in (earlier, image)]
+            rows.append([f"scorer reads: {prompt}", *readings])
+    return rows
+
+
+def _reading(score_image, path: Path) -> str:
+    with Image.open(path) as im:
+        r = score_image(im.convert("RGB"))
+    return " ".join(x or "?" for x in (r.fg, r.shape, "on", r.bg))
+
+
+def _prompt_of(path: Path) -> str:
+    with Image.open(path) as im:
+        text = im.info.get("parameters", "")
+    return parse_infotext(text)[0] if text else path.name
+
+
+def _config(run_root: Path) -> RunBase | None:
+    try:
+        return load_train_config(RunDir(run_root).config_path)
+    except SdtuneError:
+        return None
+
+
+# -- generate with this -----------------------------------------------------------------------------------------
+
+
+def default_prompt(run_root: Path) -> str:
+    cfg = _config(run_root)
+    if cfg is None:
+        return ""
+    word = getattr(cfg, "token", None) or getattr(cfg, "instance_token", None) or cfg.name
+    if cfg.preview.prompts:
+        return cfg.preview.prompts[0].replace("[name]", word)
+    return f"a {word} on a blue background" if cfg.model.base == "builtin" else f"a photo of {word}"
+
+
+def generate_command(run_root: Path, prompt: str, seed: int, strength: float, steps: int, out: Path) -> list[str]:
+    """The ``sdtune generate`` arguments that use this run's output with its base model."""
+    cfg = _config(run_root)
+    if cfg is None:
+        raise SdtuneError(f"{run_root}: no readable config.yaml; choose a run folder")
+    outputs = RunDir(run_root).output
+    files = sorted(outputs.iterdir()) if outputs.is_dir() else []
+    if not files:
+        raise SdtuneError(f"{run_root.name}: no output files yet; finish or stop the run first")
+    args = ["generate", prompt, "--seed", str(int(seed)), "--steps", str(int(steps)), "--out", str(out)]
+    model = cfg.model.base
+    if cfg.method == "textual_inversion":
+        embedding = next((f for f in files if f.suffix == ".safetensors"), None)
+        if embedding is None:
+            raise SdtuneError(f"{run_root.name}: no embedding file in output/; finish or stop the run first")
+        args += ["--embedding", str(embedding)]
+    elif cfg.method == "hypernetwork":
+        args += ["--hypernetwork", f"{next(f for f in files if f.suffix == '.pt')}:{float(strength):g}"]
+    elif cfg.method in ("dreambooth", "finetune"):
+        model = str(next((f for f in files if f.is_dir()), files[0]))
+    else:
+        raise SdtuneError(
+            f"method {cfg.method}: `sdtune generate` cannot apply this output yet; load "
+            f"{outputs} in A1111 / ComfyUI / diffusers"
+        )
+    return [*args, "--model", model]
+
+
+def generate_with(
+    run_root: Path, prompt: str, seed: int, strength: float, steps: int = 20, timeout: float = 600
+) -> list[str]:
+    """Generate 1 image with the run's output (``sdtune generate`` in a child process); return the PNG paths."""
+    if not prompt.strip():
+        raise SdtuneError("prompt: empty; write what to draw, with the trained word")
+    out = Path(tempfile.mkdtemp(prefix="sdtune-ui-generate-"))
+    argv = [sys.executable, "-m", "sdtune.cli.main", *generate_command(run_root, prompt, seed, strength, steps, out)]
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise SdtuneError(lines[-1] if lines else f"sdtune generate failed (exit {done.returncode})")
+    images = sorted(str(p) for p in out.glob("*.png") if p.name != "grid.png")
+    if not images:
+        raise SdtuneError(f"sdtune generate wrote no image in {time.monotonic() - start:.0f}s")
+    return images

@@ -1,0 +1,84 @@
+"""Train a method on the built-in model through the real `run()` and score what it learned with the world's scorer.
+
+The learning tests and the measurements behind their thresholds (BENCHMARKS.md) both go through `learn()`, so a
+threshold always refers to exactly what the test runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from sdtune.config import parse_config
+from sdtune.config.methods import METHOD_SCHEMAS
+from sdtune.evaluate.world_eval import BUILTIN_EVAL, WorldScore, score_prompts
+from sdtune.methods.run import run
+from sdtune.models.components import SDComponents
+from sdtune.models.loading import load_model
+from sdtune.world import EvalPrompt, base_prompts
+
+BASE_PROMPTS = 32
+
+
+@dataclass
+class Learned:
+    concept_before: WorldScore
+    concept_after: WorldScore
+    base_before: WorldScore
+    base_after: WorldScore
+    train_seconds: float
+    outputs: list[Path]
+
+    def summary(self) -> str:
+        return (
+            f"concept {self.concept_before.full:.1%} -> {self.concept_after.full:.1%} ({self.concept_after.n} images), "
+            f"base {self.base_before.full:.1%} -> {self.base_after.full:.1%}, trained in {self.train_seconds:.0f}s"
+        )
+
+
+def _model_with(outputs: list[Path], method: str) -> SDComponents:
+    """The built-in model with what the run wrote applied the way a user would apply it."""
+    if method in ("dreambooth", "finetune"):
+        return load_model(next(p for p in outputs if p.suffix == ".safetensors"))
+    model = load_model("builtin")
+    if method == "lora":
+        from sdtune.tools.lora_tools import apply_lora
+
+        apply_lora(model, next(p for p in outputs if p.suffix == ".safetensors"))
+    elif method == "hypernetwork":
+        from sdtune.inference.generate import apply_hypernetwork
+
+        apply_hypernetwork(model, next(p for p in outputs if p.suffix == ".pt"))
+    else:
+        raise ValueError(method)
+    return model
+
+
+def learn(
+    config: dict[str, Any],
+    concept_prompts: list[EvalPrompt],
+    before_prompts: list[EvalPrompt] | None = None,
+    seed: int = 1000,
+) -> Learned:
+    """Score the base model, train ``config`` (a dict as in a YAML file), score again with its outputs applied.
+
+    ``before_prompts`` (default: ``concept_prompts``) are what the base model is asked before training, e.g. the
+    class word instead of a token it does not know yet.
+    """
+    base = load_model("builtin")
+    basics = base_prompts(BASE_PROMPTS, seed=0)
+    asked = before_prompts or concept_prompts
+    concept_before = score_prompts(base, asked, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
+    base_before = score_prompts(base, basics, BUILTIN_EVAL, seed=seed)
+    cfg = parse_config(config, METHOD_SCHEMAS[config["method"]])
+    start = time.perf_counter()
+    outputs = run(cfg, console=Console(quiet=True), progress=False)
+    seconds = time.perf_counter() - start
+    model = _model_with(outputs, cfg.method)
+    concept_after = score_prompts(model, concept_prompts, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
+    base_after = score_prompts(model, basics, BUILTIN_EVAL, seed=seed)
+    return Learned(concept_before, concept_after, base_before, base_after, seconds, outputs)

@@ -1,0 +1,42 @@
+"""The app builds every page and keeps its security defaults (loopback only, roots only)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from sdtune.cli.main import ui_cmd
+from sdtune.config import METHOD_SCHEMAS
+from sdtune.ui.app import App, build_app
+from sdtune.ui.paths import PathRefused, Roots
+
+gr = pytest.importorskip("gradio")
+
+
+def test_the_app_builds_with_a_form_per_method(tmp_path):
+    app = App(Roots([tmp_path]))
+    demo = build_app(app)
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    for method in METHOD_SCHEMAS:
+        assert f"form-{method}" in ids
+        assert f"{method}--data-path" in ids
+    for needed in ("dataset-path", "dataset-save-caption", "train-start", "runs-stop", "runs-loss", "results-files"):
+        assert needed in ids
+    assert app.runs_dir == (tmp_path / "runs").resolve() and app.runs_dir.is_dir()
+
+
+def test_the_server_binds_loopback_by_default():
+    host = inspect.signature(ui_cmd).parameters["host"].default
+    assert host.default == "127.0.0.1"
+
+
+def test_runs_and_the_runs_folder_must_be_inside_the_roots(tmp_path):
+    (tmp_path / "root").mkdir()
+    with pytest.raises(PathRefused, match="--runs"):
+        App(Roots([tmp_path / "root"]), runs_dir=tmp_path / "elsewhere")
+    app = App(Roots([tmp_path / "root"]))
+    with pytest.raises(PathRefused, match="run: "):
+        app.run_root(str(tmp_path))
+    with pytest.raises(PathRefused):
+        app.run_root("../")

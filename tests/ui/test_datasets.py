@@ -1,0 +1,125 @@
+"""The Datasets and Results pages' work, without a browser: captions, bulk tags, check, captioner, masks, views."""
+
+from __future__ import annotations
+
+import codecs
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.core.errors import DataError, SdtuneError
+from sdtune.ui import datasets, views
+from sdtune.ui.paths import Roots
+from sdtune.world import write_concept_dataset
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    paths = write_concept_dataset("teal_heart", tmp_path / "data", n=4)
+    return Roots([tmp_path]), tmp_path / "data", paths
+
+
+def test_open_lists_images_with_their_captions(dataset):
+    roots, folder, paths = dataset
+    items = datasets.open_dataset(roots, "data")
+    assert [i.image for i in items] == [p.resolve() for p in paths]
+    assert items[0].caption == paths[0].with_suffix(".txt").read_text().strip()
+    assert all(i.editable and i.mask is None for i in items)
+
+
+def test_save_caption_writes_the_sidecar_and_keeps_bom_line_endings_and_final_newline(dataset):
+    roots, folder, paths = dataset
+    sidecar = paths[0].with_suffix(".txt")
+    assert datasets.save_caption(roots, paths[0], "a new caption") == sidecar.resolve()
+    assert sidecar.read_bytes() == b"a new caption\n"
+    sidecar.write_bytes(codecs.BOM_UTF8 + b"old\r\nsecond line")
+    datasets.save_caption(roots, paths[0], "one\ntwo")
+    assert sidecar.read_bytes() == codecs.BOM_UTF8 + b"one\r\ntwo"
+    paths[1].with_suffix(".txt").unlink()
+    datasets.save_caption(roots, paths[1], "made from nothing")  # a missing sidecar is created
+    assert paths[1].with_suffix(".txt").read_text() == "made from nothing\n"
+    sidecar.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(DataError, match="not UTF-8"):
+        datasets.save_caption(roots, paths[0], "x")
+    assert sidecar.read_bytes() == b"\xff\xfe not utf-8"
+
+
+def test_bulk_tags_dry_run_then_apply(dataset):
+    roots, folder, paths = dataset
+    before = [p.with_suffix(".txt").read_text() for p in paths]
+    report = datasets.bulk_tags(roots, "data", add="flat, teal", replace="a teal heart=heart shape", dry_run=True)
+    assert len(report.changes) == 4 and not report.written
+    assert [p.with_suffix(".txt").read_text() for p in paths] == before
+    datasets.bulk_tags(roots, "data", add="flat", replace="a teal heart on a white background=white scene")
+    text = paths[0].with_suffix(".txt").read_text()
+    assert text.startswith("flat, ") and "white scene" in text
+    counts = dict(map(tuple, datasets.frequencies(roots, "data")))
+    assert counts["flat"] == 4
+    with pytest.raises(DataError):
+        datasets.bulk_tags(roots, "data", replace="no equals sign")
+
+
+def test_the_dataset_check_reports_broken_files(dataset):
+    roots, folder, _ = dataset
+    (folder / "broken.png").write_bytes(b"not a png")
+    report = datasets.check(roots, "data")
+    kinds = {(f.path.name, f.kind) for f in report.findings}
+    assert ("broken.png", "not_an_image") in kinds
+    assert not report.passed()
+
+
+def test_the_shapes_world_captioner_reads_the_concept_back(dataset):
+    roots, folder, paths = dataset
+    truth = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    assert datasets.caption_dataset(roots, "data", "shapes-world scorer (built-in)") == (0, 0)  # all captioned
+    for p in paths:
+        p.with_suffix(".txt").unlink()
+    written, unreadable = datasets.caption_dataset(roots, "data", "shapes-world scorer (built-in)", prefix="<th>")
+    assert (written, unreadable) == (4, 0)
+    assert [p.with_suffix(".txt").read_text().strip() for p in paths] == [f"<th>, {t}" for t in truth]
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / "plain.png")  # nothing to read: no caption
+    assert datasets.caption_dataset(roots, "data", "shapes-world scorer (built-in)") == (0, 1)
+    with pytest.raises(DataError, match="unknown"):
+        datasets.caption_dataset(roots, "data", "blip")
+
+
+def test_masks_from_a_manifest_are_previewed(tmp_path):
+    write_concept_dataset("teal_heart", tmp_path / "imgs", n=1)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255  # right half trained, left half masked out
+    Image.fromarray(mask).save(tmp_path / "imgs" / "mask.png")
+    line = {"image": "imgs/0000.png", "caption": "a teal heart", "mask": "imgs/mask.png"}
+    (tmp_path / "set.jsonl").write_text(json.dumps(line) + "\n")
+    roots = Roots([tmp_path])
+    (item,) = datasets.open_dataset(roots, "set.jsonl")
+    assert item.mask == (tmp_path / "imgs" / "mask.png").resolve() and not item.editable
+    overlay = np.asarray(datasets.mask_overlay(item.image, item.mask)).astype(int)
+    original = np.asarray(Image.open(item.image).convert("RGB")).astype(int)
+    assert np.array_equal(overlay[:, 40:], original[:, 40:])  # kept area unchanged
+    tint = np.array([255, 0, 64])
+    closer = np.abs(original[:, :20] - tint).sum(-1) - np.abs(overlay[:, :20] - tint).sum(-1)
+    assert closer.min() > 50  # every masked-out pixel is tinted
+
+
+def test_run_views_read_the_run_folder(tmp_path):
+    run = tmp_path / "runs" / "r"
+    assert views.loss_plot(run) is None
+    (run / "samples" / "step-0").mkdir(parents=True)
+    (run / "samples" / "step-20").mkdir(parents=True)
+    (run / "samples" / "step-5").mkdir(parents=True)  # no grid.png yet: still being written
+    for step in (0, 20):
+        Image.new("RGB", (8, 8)).save(run / "samples" / f"step-{step}" / "grid.png")
+    rows = [{"step": s, "loss": 1.0 / s, "images_per_second": 2.0} for s in range(1, 30)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 30, "lo')
+    plot = views.loss_plot(run)
+    assert plot is not None and plot.size[0] > 300
+    assert [label for _, label in views.preview_gallery(run)] == ["step 20", "step 0"]
+    (run / "events.log").write_text("2026-01-01 00:00:00 training textual_inversion from step 0 to 30\n")
+    assert "training textual_inversion" in views.log_text(run)
+    found = views.results(run)
+    assert found.before_label == "before (step 0)" and found.after_label == "after (step 20)"
+    assert found.numbers[0][0].startswith("loss")
+    with pytest.raises(SdtuneError):
+        views.generate_command(run, "a prompt", 0, 1.0, 20, tmp_path)  # no config.yaml

@@ -17,7 +17,7 @@ from sdtune.core.errors import ModelError
 from sdtune.formats.hypernetwork_file import load_hypernetwork
 from sdtune.inference.infotext import format_infotext, save_png
 from sdtune.inference.samplers import infotext_name, make_sampler
-from sdtune.models.components import SDComponents
+from sdtune.models.components import SDComponents, native_size  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,6 @@ def apply_hypernetwork(components: SDComponents, path: str | Path, strength: flo
         return install(components.unet, hn.hypernetwork)
     except ValueError as exc:
         raise ModelError(f"{path}: {exc}; use a hypernetwork made for this model family") from None
-
-
-def native_size(components: SDComponents) -> int:
-    """Pixels per side the model was trained at (from the UNet's sample size and the VAE's downsampling)."""
-    return int(components.unet.config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()

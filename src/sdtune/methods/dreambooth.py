@@ -30,15 +30,15 @@ from sdtune.config.methods import DreamBoothConfig
 from sdtune.core.dtypes import torch_dtype
 from sdtune.core.errors import DataError
 from sdtune.data import CaptionOptions, process_caption
-from sdtune.data.dataset import ImageCaptionSet, has_validation
-from sdtune.inference.generate import GenerationSettings, generate, native_size
+from sdtune.data.dataset import ImageCaptionSet
+from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
-from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, check_instance_count, class_folder
+from sdtune.train.recipe import frozen_base, training_images
 
 
 class DreamBoothJob:
@@ -50,20 +50,11 @@ class DreamBoothJob:
         self.cfg, self.console = cfg, console or Console()
 
         # 1. the base model, frozen until step 4 says what trains
-        self.base_path = resolve_path(cfg.model.base)
-        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
-        for module in self.model.modules().values():
-            module.requires_grad_(False).eval()
+        self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)
-        self.resolution = cfg.data.resolution or native_size(self.model)
-        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
-        self.validation = None  # held-out instance images (data.validation_split / validation_path)
-        if has_validation(cfg.data):
-            self.validation = ImageCaptionSet.load(
-                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
-            )
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
         self.uses_captions = "[filewords]" in cfg.instance_prompt

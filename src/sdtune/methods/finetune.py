@@ -28,10 +28,9 @@ from rich.console import Console
 from sdtune.config.methods import FinetuneConfig
 from sdtune.core.dtypes import torch_dtype
 from sdtune.data import CaptionOptions, load_templates, process_caption
-from sdtune.data.dataset import ImageCaptionSet, has_validation
-from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.data.dataset import ImageCaptionSet
+from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
-from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.ema import WeightAverage
@@ -44,6 +43,7 @@ from sdtune.train.full_weights import (
     weights_state,
 )
 from sdtune.train.loop import sample_rng
+from sdtune.train.recipe import frozen_base, training_images
 
 
 class FinetuneJob:
@@ -55,20 +55,11 @@ class FinetuneJob:
         self.cfg, self.console = cfg, console or Console()
 
         # 1. the base model, frozen until step 3 says what trains
-        self.base_path = resolve_path(cfg.model.base)
-        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
-        for module in self.model.modules().values():
-            module.requires_grad_(False).eval()
+        self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution = cfg.data.resolution or native_size(self.model)
-        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
-        self.validation = None  # held-out images (data.validation_split / validation_path) for the validation loss
-        if has_validation(cfg.data):
-            self.validation = ImageCaptionSet.load(
-                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
-            )
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)

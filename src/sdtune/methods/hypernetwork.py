@@ -37,10 +37,10 @@ from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
 from sdtune.inference.generate import GenerationSettings, native_size
 from sdtune.inference.previews import render_previews
-from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.diffusion import denoising_loss
 from sdtune.train.loop import sample_rng
+from sdtune.train.recipe import frozen_base
 
 
 def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
@@ -67,10 +67,7 @@ class HypernetworkJob:
         self.cfg, self.console = cfg, console or Console()
 
         # 1. the base model, frozen
-        self.base_path = resolve_path(cfg.model.base)
-        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
-        for module in self.model.modules().values():
-            module.requires_grad_(False).eval()
+        self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)

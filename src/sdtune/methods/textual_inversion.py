@@ -28,16 +28,16 @@ from sdtune.adapters.token_embedding import add_trainable_token, expand_token, t
 from sdtune.config.methods import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import CaptionOptions, load_templates, process_caption
-from sdtune.data.dataset import ImageCaptionSet, has_validation
+from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.png_embedding import save_png_embedding
-from sdtune.inference.generate import GenerationSettings, generate, native_size
+from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
-from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.loop import sample_rng
+from sdtune.train.recipe import frozen_base, training_images
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -47,24 +47,14 @@ class TextualInversionJob:
 
     def __init__(self, cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
-        device = accelerator.device
 
         # 1. the base model, frozen
-        self.base_path = resolve_path(cfg.model.base)
-        self.model = load_model(self.base_path, prediction_type=cfg.model.prediction_type).to(device)
-        for module in self.model.modules().values():
-            module.requires_grad_(False).eval()
+        self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)
-        self.resolution = cfg.data.resolution or native_size(self.model)
-        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
         self.captions = self.data.captions
-        self.validation = None  # held-out images (data.validation_split / validation_path) for the validation loss
-        if has_validation(cfg.data):
-            self.validation = ImageCaptionSet.load(
-                cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped, split="validation"
-            )
         # the token must reach the prompts: through [name] in the templates, or written in every caption
         self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
         named = any("[name]" in line for line in self.templates.lines)

@@ -91,3 +91,8 @@ def build_modules(configs: dict[str, dict[str, Any]], *, empty: bool = False) ->
 def _public(config: dict[str, Any]) -> dict[str, Any]:
     # Drop bookkeeping keys (``_class_name``, ``_diffusers_version``, ``transformers_version``).
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+
+
+def native_size(components: SDComponents) -> int:
+    """Pixels per side the model was trained at (from the UNet's sample size and the VAE's downsampling)."""
+    return int(components.unet.config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)

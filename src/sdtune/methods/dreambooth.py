@@ -18,7 +18,6 @@ Recipe (Ruiz et al. 2023, arXiv 2208.12242; diffusers' ``examples/dreambooth/tra
 from __future__ import annotations
 
 import random
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,11 +33,10 @@ from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import TextCache, encode_prompts
-from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, check_instance_count, class_folder
-from sdtune.train.recipe import frozen_base, training_images
+from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
 
 
 class DreamBoothJob:
@@ -139,14 +137,7 @@ class DreamBoothJob:
 
     def validation_loss(self) -> float | None:
         """The instance loss on the validation images at fixed noise and timesteps (``None`` without them)."""
-        if self.validation is None:
-            return None
-        t = self.cfg.train
-        steps = self.scheduler.config.num_train_timesteps
-        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
-        return fixed_validation_loss(
-            batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
-        )
+        return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
         latents, mask = data.latents_and_weights(indices, generators)  # mask: per-pixel weights or None
@@ -156,20 +147,7 @@ class DreamBoothJob:
         if self.prior and data is self.data:  # training: one class sample per instance sample, from its own generator
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask)
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        t = self.cfg.train
-        return denoising_loss(
-            self.model,
-            self.scheduler,
-            latents,
-            cond,
-            generators,
-            resolution=self.resolution,
-            noise_offset=t.noise_offset,
-            min_snr_gamma=t.min_snr_gamma,
-            weights=weights,
-            mask=mask,
-            timesteps=timesteps,
-        )
+        return recipe_loss(self, latents, cond, generators, weights=weights, mask=mask, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         pass  # nothing step-dependent: the chosen components train throughout

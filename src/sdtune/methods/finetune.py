@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import TextCache, encode_prompts
-from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.ema import WeightAverage
 from sdtune.train.full_weights import (
     export_model,
@@ -43,7 +41,7 @@ from sdtune.train.full_weights import (
     weights_state,
 )
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, training_images
+from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
 
 
 class FinetuneJob:
@@ -105,34 +103,15 @@ class FinetuneJob:
     def validation_loss(self) -> float | None:
         """The loss on the validation images at fixed noise and timesteps, with the weights users get (the EMA when
         it is on); ``None`` without validation images."""
-        if self.validation is None:
-            return None
-        t = self.cfg.train
-        steps = self.scheduler.config.num_train_timesteps
-        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
         with self.averaged():
-            return fixed_validation_loss(
-                batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
-            )
+            return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
         latents, mask = data.latents_and_weights(indices, generators)  # mask: per-pixel weights or None
         latents = latents.to(self.model.unet.device)
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        t = self.cfg.train
-        return denoising_loss(
-            self.model,
-            self.scheduler,
-            latents,
-            cond,
-            generators,
-            resolution=self.resolution,
-            noise_offset=t.noise_offset,
-            min_snr_gamma=t.min_snr_gamma,
-            mask=mask,
-            timesteps=timesteps,
-        )
+        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -38,9 +38,8 @@ from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
 from sdtune.inference.generate import GenerationSettings, native_size
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import TextCache, encode_prompts
-from sdtune.train.diffusion import denoising_loss
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base
+from sdtune.train.recipe import frozen_base, recipe_loss
 
 
 def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
@@ -112,17 +111,7 @@ class HypernetworkJob:
         latents = self.data.latents(indices, generators).to(self.model.unet.device)
         prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        t = self.cfg.train
-        return denoising_loss(
-            self.model,
-            self.scheduler,
-            latents,
-            cond,
-            generators,
-            resolution=self.resolution,
-            noise_offset=t.noise_offset,
-            min_snr_gamma=t.min_snr_gamma,
-        )
+        return recipe_loss(self, latents, cond, generators)
 
     def after_step(self, step: int) -> None:
         pass  # nothing step-dependent: the UNet and text encoder are frozen, the hypernetwork always trains

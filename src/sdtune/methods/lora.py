@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,10 +48,9 @@ from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import TextCache, encode_prompts
-from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, class_folder
-from sdtune.train.recipe import frozen_base, training_images
+from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
 
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
@@ -201,15 +199,10 @@ class LoraJob:
         """The loss on the validation images at fixed noise and timesteps (``None`` without validation images)."""
         if self.validation is None:
             return None
-        t = self.cfg.train
-        steps = self.scheduler.config.num_train_timesteps
-        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
         for module in self.components.values():
             module.eval()  # no adapter dropout: the same weights must give the same value
         try:
-            return fixed_validation_loss(
-                batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
-            )
+            return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
         finally:
             for module in self.components.values():
                 module.train()
@@ -223,20 +216,7 @@ class LoraJob:
         if self.prior and data is self.data:  # LoRA-DreamBooth (training only): a class sample per sample
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask)
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        t = self.cfg.train
-        return denoising_loss(
-            self.model,
-            self.scheduler,
-            latents,
-            cond,
-            generators,
-            resolution=self.resolution,
-            noise_offset=t.noise_offset,
-            min_snr_gamma=t.min_snr_gamma,
-            mask=mask,
-            timesteps=timesteps,
-            weights=weights,
-        )
+        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps, weights=weights)
 
     def after_step(self, step: int) -> None:
         for table in self.tables:  # pivotal token: trainable until its share of the steps is done

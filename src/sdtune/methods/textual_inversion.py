@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 import re
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,9 +34,8 @@ from sdtune.formats.png_embedding import save_png_embedding
 from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import encode_prompts
-from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, training_images
+from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -122,14 +120,7 @@ class TextualInversionJob:
 
     def validation_loss(self) -> float | None:
         """The loss on the validation images at fixed noise and timesteps (``None`` without validation images)."""
-        if self.validation is None:
-            return None
-        t = self.cfg.train
-        steps = self.scheduler.config.num_train_timesteps
-        batch_loss = partial(self._loss, self.validation)  # (indices, generators, timesteps) -> loss
-        return fixed_validation_loss(
-            batch_loss, len(self.validation), t.seed, steps, t.validation_timesteps, self.cfg.data.batch_size
-        )
+        return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
         # masks (data.alpha_mask, mask files) weight the loss per pixel, mirrored with their latents
@@ -137,19 +128,7 @@ class TextualInversionJob:
         latents = latents.to(self.tables[0].extra.device)
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
-        t = self.cfg.train
-        return denoising_loss(
-            self.model,
-            self.scheduler,
-            latents,
-            cond,
-            generators,
-            resolution=self.resolution,
-            noise_offset=t.noise_offset,
-            min_snr_gamma=t.min_snr_gamma,
-            mask=mask,
-            timesteps=timesteps,
-        )
+        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         pass  # nothing to restore: the original rows are not trainable (see module docstring)

@@ -1,16 +1,20 @@
-"""The steps every training recipe starts with: the frozen base model, and the training and validation images."""
+"""What every training recipe shares: the frozen base model, the training and validation images, the configured
+denoising loss and the validation loss at fixed noise."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from sdtune.config.methods import RunBase
 from sdtune.data.dataset import ImageCaptionSet, has_validation
 from sdtune.models.components import SDComponents, native_size
 from sdtune.models.loading import load_model, resolve_path
+from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 
 
 def frozen_base(cfg: RunBase, accelerator: Accelerator) -> tuple[Path, SDComponents]:
@@ -33,3 +37,33 @@ def training_images(
     if has_validation(cfg.data):
         validation = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report, split="validation")
     return resolution, data, validation
+
+
+def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.Tensor:
+    """``denoising_loss`` with the job's model, scheduler and resolution and the run's noise offset and Min-SNR;
+    ``extra`` passes per-sample ``weights``, a pixel ``mask`` or fixed ``timesteps``."""
+    t = job.cfg.train
+    return denoising_loss(
+        job.model,
+        job.scheduler,
+        latents,
+        cond,
+        generators,
+        resolution=job.resolution,
+        noise_offset=t.noise_offset,
+        min_snr_gamma=t.min_snr_gamma,
+        **extra,
+    )
+
+
+def held_out_loss(cfg: RunBase, scheduler, validation: ImageCaptionSet | None, loss: Callable) -> float | None:
+    """``loss(data, indices, generators, timesteps)`` on the validation images at fixed noise and timesteps
+    (``None`` without validation images)."""
+    if validation is None:
+        return None
+    t = cfg.train
+    steps = scheduler.config.num_train_timesteps
+    batch_loss = partial(loss, validation)  # (indices, generators, timesteps) -> loss
+    return fixed_validation_loss(
+        batch_loss, len(validation), t.seed, steps, t.validation_timesteps, cfg.data.batch_size
+    )

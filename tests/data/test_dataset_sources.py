@@ -128,7 +128,7 @@ def test_toml_options_must_agree_with_the_config(tmp_path: Path, vae) -> None:
     assert len(data) == 4 and data.captions == ["a"] * 4  # no caption file, no class_tokens: the file name
 
     config = _toml_dataset(tmp_path, "resolution = [512, 768]")
-    with pytest.raises(DataError, match=r"sets resolution = \[512, 768\], but sdtune trains square 16 px images"):
+    with pytest.raises(DataError, match=r"sets resolution = \[512, 768\]; sdtune's resolution is one side"):
         _load(vae, config)
     config = _toml_dataset(tmp_path, "resolution = 32")
     with pytest.raises(DataError, match=r"trains at 16 px; set data.resolution: 32 or remove resolution"):

@@ -111,6 +111,7 @@ def test_kohya_toml(tmp_path: Path) -> None:
     assert set(src.settings) == {
         SourceSetting("[general]", "shuffle_caption", False),
         SourceSetting("[general]", "keep_tokens", 1),
+        SourceSetting("[general]", "enable_bucket", False),
         SourceSetting("datasets[0]", "resolution", 512),
         SourceSetting("datasets[0]", "batch_size", 2),
     }

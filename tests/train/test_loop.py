@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -84,6 +85,26 @@ def test_example_stream_covers_each_epoch_once():
     first = [stream.index(k) for k in range(14)]
     assert sorted(first) == sorted(list(range(7)) * 2)
     assert [stream.index(k) for k in range(14, 28)] != first  # a new order each epoch
+
+
+@pytest.mark.parametrize(("batch", "repeats"), [(2, 1), (3, 2), (4, 1)])
+def test_bucketed_stream_takes_every_batch_from_one_group_and_covers_each_epoch(batch, repeats):
+    groups = [0, 0, 0, 1, 1, 2, 0, 1, 2, 2, 2]  # 4, 3 and 4 examples of three sizes
+    stream = ExampleStream(n=len(groups), repeats=repeats, seed=5, groups=groups, batch=batch)
+    length, shuffled = stream.epoch_length, False
+    assert length % batch == 0
+    for epoch in range(3):
+        order = [stream.index(epoch * length + k) for k in range(length)]
+        chunks = [order[i : i + batch] for i in range(0, length, batch)]
+        assert all(len({groups[i] for i in chunk}) == 1 for chunk in chunks)
+        counts = np.bincount(order, minlength=len(groups))
+        assert counts.min() >= repeats  # every example at least `repeats` times...
+        assert counts.sum() - len(groups) * repeats < batch * 3  # ...plus at most one partial batch's fill per group
+        chunk_groups = [groups[c[0]] for c in chunks]
+        shuffled = shuffled or chunk_groups != sorted(chunk_groups)
+    assert shuffled  # the batches of different sizes are interleaved, not one size after another
+    again = ExampleStream(n=len(groups), repeats=repeats, seed=5, groups=groups, batch=batch)
+    assert [again.index(k) for k in range(2 * length)] == [stream.index(k) for k in range(2 * length)]
 
 
 def test_loss_falls_and_run_folder_contract(tmp_path):

@@ -23,7 +23,7 @@ def test_all_ones_mask_is_exactly_the_unmasked_loss_on_a_real_unet(tiny_model):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cond = encode_prompts(model, ["a red circle", "a blue star"])
-        kwargs = dict(resolution=16, min_snr_gamma=5.0)
+        kwargs = dict(min_snr_gamma=5.0)
         plain = denoising_loss(model, scheduler, latents, cond, _gens(2), **kwargs)
         ones = denoising_loss(model, scheduler, latents, cond, _gens(2), mask=torch.ones(2, 1, 8, 8), **kwargs)
         half = torch.ones(2, 1, 8, 8)
@@ -49,7 +49,8 @@ class PointwiseUNet(torch.nn.Module):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_a_right_half_mask_makes_the_loss_blind_to_the_right_half(prediction_type):
-    model = SimpleNamespace(unet=PointwiseUNet())
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=[4, 4, 4, 4]))  # pixels per latent: 8
+    model = SimpleNamespace(unet=PointwiseUNet(), vae=vae)
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
     cond = Conditioning(torch.zeros(2, 4, 8))
     mask = torch.ones(2, 1, 8, 8)
@@ -58,7 +59,7 @@ def test_a_right_half_mask_makes_the_loss_blind_to_the_right_half(prediction_typ
 
     def loss(x):
         with torch.no_grad():
-            return denoising_loss(model, scheduler, x, cond, _gens(2), resolution=16, mask=mask)
+            return denoising_loss(model, scheduler, x, cond, _gens(2), mask=mask)
 
     right, left = latents.clone(), latents.clone()
     right[..., 4:] += 5 * torch.randn(2, 4, 8, 4)

@@ -57,7 +57,22 @@ class DataConfig(StrictModel):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, examples=[0.05])
     """Probability of training on an empty caption instead."""
     repeats: int = Field(1, ge=1, examples=[10])
-    """How many times each image is seen per epoch."""
+    """How many times each image is seen per epoch. Multiplies the repeats the source sets (kohya `N_name`
+    folders, TOML `num_repeats`, JSONL `repeats`), so keep it 1 with those."""
+    reg_weight: float = Field(1.0, ge=0.0, examples=[1.0])
+    """Loss weight of regularisation images (kohya `is_reg` subsets, JSONL `"is_reg": true`) relative to the
+    others: kohya's `prior_loss_weight`. 0 = they do not train."""
+    buckets: bool = False
+    """Aspect-ratio buckets (kohya's `enable_bucket`): train each image at the bucket of nearest aspect ratio
+    within the `resolution`² area instead of its centre square. Batches are drawn from one bucket at a time."""
+    bucket_step: int = Field(64, ge=8, multiple_of=8, examples=[64])
+    """Bucket sides are multiples of this (kohya's `bucket_reso_steps`)."""
+    min_bucket_side: int | None = Field(None, ge=8, multiple_of=8, examples=[256])
+    """Smallest bucket side (kohya's `min_bucket_reso`). Empty = resolution / 2."""
+    max_bucket_side: int | None = Field(None, ge=8, multiple_of=8, examples=[1024])
+    """Largest bucket side (kohya's `max_bucket_reso`). Empty = 2 x resolution."""
+    bucket_no_upscale: bool = False
+    """Never enlarge an image: each gets its own bucket that fits inside it (kohya's `bucket_no_upscale`)."""
     flip: bool = False
     """Randomly mirror images left-right (cached as a second latent)."""
     latent_sampling: Literal["once", "deterministic", "random"] = "once"

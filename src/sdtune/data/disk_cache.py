@@ -114,11 +114,14 @@ class DiskCache:
 # -- latents --------------------------------------------------------------------------------------------------
 
 
-def latent_key(content: str, resolution: int, mirrored: bool, vae_identity: str) -> str:
-    """Key of one image's VAE posterior: image bytes, the loader's crop rule, resolution, mirroring and the VAE."""
-    return digest(
-        LATENT_FORMAT, content, "square-centre-crop", resolution, "mirrored" if mirrored else "", vae_identity
-    )
+def latent_key(content: str, resolution: int | tuple[int, int], mirrored: bool, vae_identity: str) -> str:
+    """Key of one image's VAE posterior: image bytes, the loader's crop rule, size (a square side, or a bucket's
+    ``(width, height)``), mirroring and the VAE."""
+    if isinstance(resolution, int):
+        rule, size = "square-centre-crop", resolution
+    else:
+        rule, size = "bucket-centre-crop", f"{resolution[0]}x{resolution[1]}"
+    return digest(LATENT_FORMAT, content, rule, size, "mirrored" if mirrored else "", vae_identity)
 
 
 # -- text-encoder outputs ---------------------------------------------------------------------------------------

@@ -190,14 +190,18 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     return _to_rgb(_exif_upright(im))
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Load ``path`` as a float32 ``[3, size, size]`` tensor in ``[-1, 1]``.
+def load_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
+    """Load ``path`` as a float32 ``[3, H, W]`` tensor in ``[-1, 1]``; ``size`` is a square side or ``(W, H)``.
 
-    Applies the EXIF orientation (phone photos), converts to RGB (alpha over white), scales so the
-    shorter side is ``size`` (Lanczos when shrinking, bicubic when enlarging) and crops the centre square,
-    like A1111's and kohya's default centre crop.
+    Applies the EXIF orientation (phone photos), converts to RGB (alpha over white), scales so the image covers
+    the size (Lanczos when shrinking, bicubic when enlarging) and crops the centre, like A1111's and kohya's default
+    centre crop; for an aspect-ratio bucket ``(W, H)`` the crop is the largest centred box of the bucket's aspect
+    (:func:`sdtune.data.buckets.crop_box`).
     """
-    if size < 1:
+    from sdtune.data.buckets import Bucket, crop_box
+
+    width_out, height_out = (size, size) if isinstance(size, int) else size
+    if width_out < 1 or height_out < 1:
         raise ValueError(f"size must be positive, got {size}")
     path = Path(path)
     try:
@@ -207,17 +211,16 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"{path}: cannot load the image ({exc}); remove it or re-save it as PNG") from None
     w, h = im.size
-    side = min(w, h)
     # Crop and resize in one step: `box` is in source pixels, so the crop is exactly centred even when the
     # scaled size would not be a whole number of pixels.
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    if side == size:
+    box = crop_box(w, h, Bucket(width_out, height_out))
+    if (box[2] - box[0], box[3] - box[1]) == (width_out, height_out):
         # Nothing to scale: crop whole pixels, since a half-pixel box would resample and blur.
-        left, top = (w - side) // 2, (h - side) // 2
-        out = im.crop((left, top, left + size, top + size))
+        left, top = (w - width_out) // 2, (h - height_out) // 2
+        out = im.crop((left, top, left + width_out, top + height_out))
     else:
-        resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
-        out = im.resize((size, size), resample=resample, box=box)
+        resample = Image.Resampling.LANCZOS if box[2] - box[0] > width_out else Image.Resampling.BICUBIC
+        out = im.resize((width_out, height_out), resample=resample, box=box)
     arr = np.asarray(out, dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
     return (tensor / 127.5 - 1.0).contiguous()

@@ -162,7 +162,7 @@ class LatentCache:
         vae: Any,
         paths: Sequence[Path],
         load: Callable[[Path], torch.Tensor],
-        resolution: int,
+        resolution: int | tuple[int, int],
         mode: LatentMode,
         seed: int,
         disk: DiskCache,
@@ -172,7 +172,8 @@ class LatentCache:
         """Like :meth:`encode`, for image files, through a disk cache (``data.cache_dir``).
 
         Each image's scaled posterior (mean and std) is stored under :func:`~sdtune.data.disk_cache.latent_key`
-        (its bytes, the crop rule, ``resolution``, mirroring and the VAE's identity); only images without a stored
+        (its bytes, the crop rule, ``resolution`` (a side, or a bucket's ``(width, height)``), mirroring and the
+        VAE's identity); only images without a stored
         posterior are decoded (``load(path)`` -> ``[3, H, W]`` in ``[-1, 1]``) and encoded, so ``encoded_count``
         counts real VAE encodes. One stored posterior serves all three modes. The ``once`` sample of an image is
         drawn from a generator seeded by (``seed``, its key): it does not depend on which other images are loaded.

@@ -143,9 +143,10 @@ _SUBSET_ASCENDABLE = {
     "caption_dropout_rate",
     "caption_tag_dropout_rate",
 }
-_DATASET_ASCENDABLE = {"resolution", "batch_size"}
-# kohya keys sdtune accepts only with the value that matches what it does (no buckets, no colour/crop aug).
-_ONLY_VALUE = {"enable_bucket": False, "color_aug": False, "random_crop": False, "debug_dataset": False}
+_BUCKET_KEYS = ("enable_bucket", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale")
+_DATASET_ASCENDABLE = {"resolution", "batch_size", *_BUCKET_KEYS}
+# kohya keys sdtune accepts only with the value that matches what it does (no colour/crop aug).
+_ONLY_VALUE = {"color_aug": False, "random_crop": False, "debug_dataset": False}
 # Options that sdtune applies once per run from the data config; a TOML value must agree (see SourceSetting).
 TRAINING_KEYS = (
     "resolution",
@@ -155,6 +156,7 @@ TRAINING_KEYS = (
     "flip_aug",
     "caption_dropout_rate",
     "caption_tag_dropout_rate",
+    *_BUCKET_KEYS,
 )
 _KOHYA_CAPTION_EXTENSION = ".caption"  # kohya's default; most datasets use .txt and say so in the TOML
 
@@ -170,9 +172,13 @@ def _check_value(where: str, key: str, value: Any) -> Any:
         raise bad("a whole number >= 1", "10")
     if key == "batch_size" and not (is_int and value >= 1):
         raise bad("a whole number >= 1", "4")
+    if key in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso") and not (is_int and value >= 8):
+        raise bad("a size in pixels (a multiple of 8)", "64" if key == "bucket_reso_steps" else "256")
     if key == "keep_tokens" and not (is_int and value >= 0):
         raise bad("a whole number >= 0", "1")
-    if key in ("shuffle_caption", "flip_aug", "is_reg") and not isinstance(value, bool):
+    if key in ("shuffle_caption", "flip_aug", "is_reg", "enable_bucket", "bucket_no_upscale") and not isinstance(
+        value, bool
+    ):
         raise bad("true or false", "true")
     if key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -200,7 +206,7 @@ def _read_level(where: str, table: Any, allowed: set[str], skip: frozenset[str] 
         if key in _ONLY_VALUE:
             if value != _ONLY_VALUE[key]:
                 raise DataError(
-                    f"{where}.{key}: {value!r} is not supported by sdtune (square centre crops, no augmentation); "
+                    f"{where}.{key}: {value!r} is not supported by sdtune (centre crops, no colour augmentation); "
                     f"remove it or set {key} = {str(_ONLY_VALUE[key]).lower()}"
                 )
             continue

@@ -52,7 +52,7 @@ class DreamBoothJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._log)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
         self.uses_captions = "[filewords]" in cfg.instance_prompt
@@ -140,12 +140,11 @@ class DreamBoothJob:
         return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
-        latents, mask = data.latents_and_weights(indices, generators)  # mask: per-pixel weights or None
-        latents = latents.to(self.model.unet.device)
+        batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
+        latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        weights = None
         if self.prior and data is self.data:  # training: one class sample per instance sample, from its own generator
-            latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask)
+            latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
         return recipe_loss(self, latents, cond, generators, weights=weights, mask=mask, timesteps=timesteps)
 

@@ -57,7 +57,7 @@ class FinetuneJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -70,6 +70,9 @@ class FinetuneJob:
 
         # 4. the EMA of the trained weights (what previews show and export writes)
         self.ema = WeightAverage(named_parameters(self.trained), cfg.ema_decay) if cfg.ema else None
+
+    def _print(self, message: str) -> None:
+        self.console.print(message, highlight=False)
 
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
@@ -107,11 +110,11 @@ class FinetuneJob:
             return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
-        latents, mask = data.latents_and_weights(indices, generators)  # mask: per-pixel weights or None
-        latents = latents.to(self.model.unet.device)
+        batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
+        latents = batch.latents.to(self.model.unet.device)
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps)
+        return recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -35,11 +35,11 @@ from sdtune.data import CaptionOptions, load_templates, process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
-from sdtune.inference.generate import GenerationSettings, native_size
+from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, recipe_loss
+from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
 
 
 def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
@@ -70,8 +70,7 @@ class HypernetworkJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution = cfg.data.resolution or native_size(self.model)
-        self.data = ImageCaptionSet.load(cfg.data, self.model.vae, self.resolution, cfg.train.seed, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -92,6 +91,9 @@ class HypernetworkJob:
         self.hypernetwork.to(accelerator.device).train()
         self.installed = install(unet, self.hypernetwork)
 
+    def _print(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
@@ -103,15 +105,29 @@ class HypernetworkJob:
     def num_examples(self) -> int:
         return len(self.data)
 
-    def prompt(self, index: int, rng: random.Random) -> str:
-        filewords = process_caption(self.data.captions[index], self.caption_options, rng)
+    def prompt(self, index: int, rng: random.Random, captions: list[str] | None = None) -> str:
+        filewords = process_caption((captions or self.data.captions)[index], self.caption_options, rng)
         return self.templates.render(self.cfg.name, filewords, rng)
 
     def loss(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        latents = self.data.latents(indices, generators).to(self.model.unet.device)
-        prompts = [self.prompt(i, sample_rng(g)) for i, g in zip(indices, generators, strict=True)]
+        return self._loss(self.data, indices, generators)
+
+    def validation_loss(self) -> float | None:
+        """The loss on the validation images at fixed noise and timesteps (``None`` without validation images)."""
+        if self.validation is None:
+            return None
+        self.hypernetwork.eval()  # no dropout: the same weights must give the same value
+        try:
+            return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
+        finally:
+            self.hypernetwork.train()
+
+    def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
+        batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
+        latents = batch.latents.to(self.model.unet.device)
+        prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        return recipe_loss(self, latents, cond, generators)
+        return recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         pass  # nothing step-dependent: the UNet and text encoder are frozen, the hypernetwork always trains

@@ -68,7 +68,7 @@ class LoraJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -141,6 +141,9 @@ class LoraJob:
         table = UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
         return list(table[self.cfg.targets])
 
+    def _print(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
@@ -209,12 +212,11 @@ class LoraJob:
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
         # masks (data.alpha_mask, mask files) weight the loss per pixel, mirrored with their latents
-        latents, mask = data.latents_and_weights(indices, generators)
-        latents = latents.to(self.model.unet.device)
+        batch = data.batch(indices, generators)  # (and per-sample weights of reg images, data.reg_weight)
+        latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        weights = None
         if self.prior and data is self.data:  # LoRA-DreamBooth (training only): a class sample per sample
-            latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask)
+            latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
         cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
         return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps, weights=weights)
 

@@ -51,7 +51,7 @@ class TextualInversionJob:
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
         self.captions = self.data.captions
         # the token must reach the prompts: through [name] in the templates, or written in every caption
         self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
@@ -84,6 +84,9 @@ class TextualInversionJob:
             with torch.no_grad():
                 for table, vectors in zip(self.tables, self._vectors_from_file(), strict=True):
                     table.extra.copy_(vectors)
+
+    def _print(self, message: str) -> None:
+        self.console.print(message, highlight=False)
 
     def _skipped(self, item) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
@@ -124,11 +127,11 @@ class TextualInversionJob:
 
     def _loss(self, data: ImageCaptionSet, indices, generators, timesteps=None) -> torch.Tensor:
         # masks (data.alpha_mask, mask files) weight the loss per pixel, mirrored with their latents
-        latents, mask = data.latents_and_weights(indices, generators)
-        latents = latents.to(self.tables[0].extra.device)
+        batch = data.batch(indices, generators)  # (and reg images at data.reg_weight)
+        latents = batch.latents.to(self.tables[0].extra.device)
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
         cond = encode_prompts(self.model, prompts)  # gradients flow into the new rows only
-        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps)
+        return recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         pass  # nothing to restore: the original rows are not trainable (see module docstring)

@@ -93,6 +93,11 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
 
 
+def vae_scale_factor(components: SDComponents) -> int:
+    """Image pixels per latent pixel along a side (8 for every Stable Diffusion VAE)."""
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
 def native_size(components: SDComponents) -> int:
     """Pixels per side the model was trained at (from the UNet's sample size and the VAE's downsampling)."""
-    return int(components.unet.config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    return int(components.unet.config.sample_size) * vae_scale_factor(components)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +36,7 @@ from sdtune.core.events import (
     StepEnd,
     ValidationLoss,
 )
+from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.optim import LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.rundir import RunDir
@@ -72,29 +73,57 @@ class Job(Protocol):
 
     # Optional: ``validation_loss() -> float | None``, the loss on held-out examples at fixed noise and timesteps
     # (``None``: no validation set). The loop calls it every ``train.validation_every_n_steps`` if a job has it.
+    # Optional: ``data``, the :class:`~sdtune.data.dataset.ImageCaptionSet` it trains on; with images of several
+    # sizes (aspect-ratio buckets) the loop draws every batch from one size and logs the bucket histogram.
 
 
 @dataclass
 class ExampleStream:
-    """Example k of the endless stream: epoch ``k // (n * repeats)``, shuffled per epoch from the seed."""
+    """Example k of the endless stream: epoch ``k // epoch_length``, shuffled per epoch from the seed.
+
+    With ``groups`` (the size group of each example: aspect-ratio buckets) every aligned run of ``batch`` positions
+    holds examples of one group: each epoch shuffles every group's examples (times ``repeats``), fills its last
+    batch with other examples of the same group, and shuffles the order of the batches (as kohya does).
+    """
 
     n: int
     repeats: int
     seed: int
+    groups: Sequence[int] | None = None
+    batch: int = 1
 
     def __post_init__(self) -> None:
         self._epoch = -1
         self._order = np.empty(0, dtype=np.int64)
+        self._members: list[np.ndarray] = []
+        if self.groups is not None and len(set(self.groups)) > 1:
+            if len(self.groups) != self.n:
+                raise ValueError(f"groups: {len(self.groups)} entries for {self.n} examples")
+            ids = np.asarray(self.groups)
+            self._members = [np.flatnonzero(ids == g) for g in sorted(set(self.groups))]
 
     @property
     def epoch_length(self) -> int:
-        return self.n * self.repeats
+        if not self._members:
+            return self.n * self.repeats
+        return sum(-(-len(m) * self.repeats // self.batch) * self.batch for m in self._members)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self._members:
+            return rng.permutation(self.epoch_length) % self.n
+        batches = []
+        for members in self._members:
+            order = rng.permutation(np.tile(members, self.repeats))
+            if pad := -len(order) % self.batch:
+                order = np.concatenate([order, rng.choice(members, pad, replace=pad > len(members))])
+            batches += list(order.reshape(-1, self.batch))
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
     def index(self, k: int) -> int:
         epoch, pos = divmod(k, self.epoch_length)
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(self.epoch_length) % self.n
+            self._order = self._epoch_order(epoch)
             self._epoch = epoch
         return int(self._order[pos])
 
@@ -168,7 +197,12 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     if start >= t.max_steps:
         raise TrainingError(f"train.max_steps: the run is already at step {start}; raise max_steps to train further")
     lr = LearningRate(optimizer, cfg.optimizer, cfg.schedule, t.max_steps, start)
-    stream = ExampleStream(job.num_examples(), cfg.data.repeats, t.seed)
+    data = getattr(job, "data", None)
+    sizes = data.bucket_histogram() if isinstance(data, ImageCaptionSet) else {}
+    size_groups = data.example_groups() if len(sizes) > 1 else None
+    stream = ExampleStream(job.num_examples(), cfg.data.repeats, t.seed, size_groups, batch)
+    if main and cfg.data.buckets and sizes:
+        run.log("buckets (images per size): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.items()))
 
     saved_step = start if last_checkpoint is not None else -1  # the same on every process
 

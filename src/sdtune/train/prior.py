@@ -109,9 +109,8 @@ def load_class_images(
     """
     images, hidden = list_candidates(folder)
     entries = [Entry(path, prompt, is_reg=True, source=folder.name) for path in images[:count]]
-    return ImageCaptionSet.from_entries(
-        entries, data.model_copy(update={"path": str(folder)}), vae, resolution, seed, report, hidden
-    )
+    square = data.model_copy(update={"path": str(folder), "buckets": False})  # rendered square: one size
+    return ImageCaptionSet.from_entries(entries, square, vae, resolution, seed, report, hidden)
 
 
 def check_instance_count(instances: ImageCaptionSet, batch_size: int, where: str) -> None:
@@ -185,6 +184,12 @@ class PriorPreservation:
         """Check the instance set, render the missing class images (main process only; the others wait) and load
         the first ``count`` of them. Call it before anything trains: class images show the *base* model."""
         check_instance_count(instances, data.batch_size, data.path)
+        if odd := [f"{w}x{h}" for (w, h) in instances.bucket_histogram() if (w, h) != (resolution, resolution)]:
+            raise DataError(
+                f"data.buckets: prior preservation pairs every instance image with a square {resolution}px class "
+                f"image, but some instance images train at {', '.join(odd)}; set data.buckets: false or crop the "
+                "instance images square"
+            )
         generated = 0
         if accelerator is None or accelerator.is_main_process:
             generated = fill_class_images(folder, prompt, count, render, log=log)
@@ -199,9 +204,11 @@ class PriorPreservation:
         prompts: Sequence[str],
         generators: Sequence[torch.Generator],
         mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> PairedBatch:
         """Append one class sample per instance sample; ``mask`` (per-pixel loss weights of the instance samples, or
-        ``None``) is extended with the class images' own (all ones where they have none)."""
+        ``None``) is extended with the class images' own (all ones where they have none). ``weights`` (per-sample
+        weights of the instance samples, e.g. regularisation images in the data) scale the instance half."""
         paired = [class_generator(g) for g in generators]
         rows = [int(torch.randint(len(self.images), (1,), generator=g)) for g in paired]
         class_latents, class_mask = self.images.latents_and_weights(rows, paired)
@@ -215,6 +222,8 @@ class PriorPreservation:
             torch.cat([latents, class_latents.to(latents)]),
             [*prompts, *[self.prompt] * n],
             [*generators, *paired],
-            paired_weights(n, n, self.weight),
+            paired_weights(n, n, self.weight) * torch.cat([weights.cpu(), torch.ones(n)])
+            if weights is not None
+            else paired_weights(n, n, self.weight),
             mask,
         )

@@ -27,12 +27,17 @@ def frozen_base(cfg: RunBase, accelerator: Accelerator) -> tuple[Path, SDCompone
 
 
 def training_images(
-    cfg: RunBase, model: SDComponents, report: Callable
+    cfg: RunBase, model: SDComponents, report: Callable, log: Callable[[str], object] = print
 ) -> tuple[int, ImageCaptionSet, ImageCaptionSet | None]:
     """The resolution (configured, else the model's native one), the training set with its latents, and the
-    held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``."""
+    held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``. With ``data.buckets``
+    the bucket histogram goes to ``log``."""
     resolution = cfg.data.resolution or native_size(model)
     data = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report)
+    if cfg.data.buckets:
+        sizes = data.bucket_histogram()
+        lines = [f"  {w}x{h}  aspect {w / h:.2f}  {n} images" for (w, h), n in sizes.items()]
+        log(f"buckets for {resolution}² ({len(sizes)} sizes):\n" + "\n".join(lines))
     validation = None
     if has_validation(cfg.data):
         validation = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report, split="validation")
@@ -40,7 +45,7 @@ def training_images(
 
 
 def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.Tensor:
-    """``denoising_loss`` with the job's model, scheduler and resolution and the run's noise offset and Min-SNR;
+    """``denoising_loss`` with the job's model and scheduler and the run's noise offset and Min-SNR;
     ``extra`` passes per-sample ``weights``, a pixel ``mask`` or fixed ``timesteps``."""
     t = job.cfg.train
     return denoising_loss(
@@ -49,7 +54,6 @@ def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.
         latents,
         cond,
         generators,
-        resolution=job.resolution,
         noise_offset=t.noise_offset,
         min_snr_gamma=t.min_snr_gamma,
         **extra,
@@ -64,6 +68,7 @@ def held_out_loss(cfg: RunBase, scheduler, validation: ImageCaptionSet | None, l
     t = cfg.train
     steps = scheduler.config.num_train_timesteps
     batch_loss = partial(loss, validation)  # (indices, generators, timesteps) -> loss
+    groups = validation.example_groups()
     return fixed_validation_loss(
-        batch_loss, len(validation), t.seed, steps, t.validation_timesteps, cfg.data.batch_size
+        batch_loss, len(validation), t.seed, steps, t.validation_timesteps, cfg.data.batch_size, groups
     )

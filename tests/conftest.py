@@ -26,3 +26,19 @@ def tiny_model():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory):
+    """A tiny BLIP captioning model folder (``captioner_models.write_tiny_blip``)."""
+    from captioner_models import write_tiny_blip
+
+    return write_tiny_blip(tmp_path_factory.mktemp("blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger(tmp_path_factory):
+    """A tiny WD14-style ONNX tagger folder (``captioner_models.write_tiny_tagger``)."""
+    from captioner_models import write_tiny_tagger
+
+    return write_tiny_tagger(tmp_path_factory.mktemp("tagger"))

@@ -13,10 +13,10 @@ from bad_corpus import build_corpus, pattern, png_bytes, snapshot
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from sdtune.cli.data_check_cmd import clip_token_counter
 from sdtune.cli.main import app
 from sdtune.core.errors import DataError
 from sdtune.data.check import KINDS, CheckOptions, check_dataset, hamming, perceptual_hash, write_contact_sheet
+from sdtune.models.tokenizers import clip_token_counter
 
 
 @pytest.fixture(scope="module")

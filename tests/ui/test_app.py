@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 
@@ -16,12 +17,18 @@ gr = pytest.importorskip("gradio")
 
 def test_the_app_builds_with_a_form_per_method(tmp_path):
     app = App(Roots([tmp_path]))
-    demo = build_app(app)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        demo = build_app(app)
+    # gradio reads each handler's annotations to pass event data (gr.SelectData): none may be missing
+    assert not [str(w.message) for w in caught if "arguments for function" in str(w.message)]
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     for method in METHOD_SCHEMAS:
         assert f"form-{method}" in ids
         assert f"{method}--data-path" in ids
     for needed in ("dataset-path", "dataset-save-caption", "train-start", "runs-stop", "runs-loss", "results-files"):
+        assert needed in ids
+    for needed in ("dataset-alpha-mask", "dataset-captioner-model", "dataset-mask-note", "results-strength"):
         assert needed in ids
     assert app.runs_dir == (tmp_path / "runs").resolve() and app.runs_dir.is_dir()
 

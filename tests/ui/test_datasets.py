@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from sdtune.core.errors import DataError, SdtuneError
+from sdtune.data.captioners import BlipCaptioner, WD14Tagger
 from sdtune.ui import datasets, views
-from sdtune.ui.paths import Roots
+from sdtune.ui.paths import PathRefused, Roots
 from sdtune.world import write_concept_dataset
 
 
@@ -82,7 +83,54 @@ def test_the_shapes_world_captioner_reads_the_concept_back(dataset):
     Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / "plain.png")  # nothing to read: no caption
     assert datasets.caption_dataset(roots, "data", "shapes-world scorer (built-in)") == (0, 1)
     with pytest.raises(DataError, match="unknown"):
-        datasets.caption_dataset(roots, "data", "blip")
+        datasets.caption_dataset(roots, "data", "nope")
+    with pytest.raises(DataError, match="captioner model: blip needs a local model folder"):
+        datasets.caption_dataset(roots, "data", "BLIP (local model folder)")
+
+
+def _solid_images(folder, colours):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
+    return [folder / f"{i}.png" for i in range(len(colours))]
+
+
+def test_wd14_captions_with_its_thresholds_from_a_model_folder_inside_the_roots(tmp_path, tiny_tagger):
+    images = _solid_images(tmp_path / "data", [(10, 100, 204), (204, 100, 10)])
+    label = "WD14 tagger (local model folder)"
+    with pytest.raises(PathRefused, match="captioner model"):  # the model folder must lie inside the roots too
+        datasets.caption_dataset(Roots([tmp_path]), "data", label, model=str(tiny_tagger))
+    assert not any(p.with_suffix(".txt").exists() for p in images)
+    roots = Roots([tmp_path, tiny_tagger])
+    assert datasets.caption_dataset(roots, "data", label, prefix="ohwx", model=str(tiny_tagger)) == (2, 0)
+    tagger = WD14Tagger(tiny_tagger)  # the data layer's tagger gives the same tags
+    for path in images:
+        with Image.open(path) as im:
+            assert path.with_suffix(".txt").read_text() == f"ohwx, {tagger(im.convert('RGB'))}\n"
+    assert images[0].with_suffix(".txt").read_text() == "ohwx, hatsune miku, blue sky, long hair, green hair, ^_^\n"
+    # thresholds reach the tagger: lower ones let more tags in; existing captions are replaced only on request
+    assert datasets.caption_dataset(roots, "data", "wd14", model=str(tiny_tagger), threshold=0.1) == (0, 0)
+    written = datasets.caption_dataset(
+        roots, "data", "wd14", overwrite=True, model=str(tiny_tagger), threshold=0.1, character_threshold=0.5
+    )
+    assert written == (2, 0)
+    loose = "hatsune miku, kagamine rin, blue sky, long hair, green hair, ^_^, smile\n"
+    assert images[0].with_suffix(".txt").read_text() == loose
+    with pytest.raises(DataError, match="--threshold"):
+        datasets.caption_dataset(roots, "data", "wd14", overwrite=True, model=str(tiny_tagger), threshold=1.5)
+
+
+def test_blip_captions_from_a_model_folder(tmp_path, tiny_blip):
+    images = _solid_images(tmp_path / "data", [(200, 20, 20), (20, 20, 200), (20, 200, 20)])
+    roots = Roots([tmp_path, tiny_blip])
+    written = datasets.caption_dataset(roots, "data", "BLIP (local model folder)", model=str(tiny_blip), num_beams=2)
+    assert written == (3, 0)
+    blip = BlipCaptioner(tiny_blip, num_beams=2)  # what `sdtune data caption --captioner blip` runs
+    for path in images:
+        with Image.open(path) as im:
+            assert path.with_suffix(".txt").read_text() == blip(im.convert("RGB")) + "\n"
+    with pytest.raises(PathRefused, match="does not exist"):
+        datasets.caption_dataset(roots, "data", "blip", overwrite=True, model="models/missing")
 
 
 def test_masks_from_a_manifest_are_previewed(tmp_path):
@@ -103,6 +151,51 @@ def test_masks_from_a_manifest_are_previewed(tmp_path):
     assert closer.min() > 50  # every masked-out pixel is tinted
 
 
+def pixels_of(path) -> np.ndarray:
+    from sdtune.data.images import upright_rgb  # what training sees: alpha over white
+
+    with Image.open(path) as im:
+        return np.asarray(upright_rgb(im)).astype(int)
+
+
+def _tinted(overlay: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """Per pixel: True where the overlay moved the colour towards the mask tint."""
+    tint = np.array([255, 0, 64])
+    return np.abs(original - tint).sum(-1) - np.abs(overlay - tint).sum(-1) > 50
+
+
+def test_masks_from_the_masks_folder_and_from_png_alpha_are_previewed(tmp_path):
+    folder = tmp_path / "data"
+    write_concept_dataset("teal_heart", folder, n=3)  # 0000.png .. 0002.png
+    (folder / "masks").mkdir()
+    half = np.zeros((64, 64), np.uint8)
+    half[:, 32:] = 255  # right half trained
+    Image.fromarray(half).save(folder / "masks" / "0000.png")
+    with Image.open(folder / "0001.png") as im:
+        rgba = np.asarray(im.convert("RGBA")).copy()
+    rgba[:32, :, 3] = 0  # top half transparent
+    Image.fromarray(rgba, mode="RGBA").save(folder / "0001.png")
+    roots = Roots([tmp_path])
+
+    plain = {i.image.name: i for i in datasets.open_dataset(roots, "data")}
+    assert plain["0000.png"].mask == (folder / "masks" / "0000.png").resolve() and not plain["0000.png"].mask_alpha
+    assert plain["0001.png"].mask is None  # alpha is a mask only with data.alpha_mask, as in training
+    assert plain["0002.png"].mask is None
+    alpha = {i.image.name: i for i in datasets.open_dataset(roots, "data", alpha_mask=True)}
+    assert alpha["0000.png"].mask == plain["0000.png"].mask  # a mask file wins over alpha
+    assert alpha["0001.png"].mask == (folder / "0001.png").resolve() and alpha["0001.png"].mask_alpha
+    assert alpha["0002.png"].mask is None  # no alpha channel: every pixel trains
+
+    item = plain["0000.png"]
+    overlay = np.asarray(datasets.mask_overlay(item.image, item.mask, alpha=item.mask_alpha)).astype(int)
+    original = pixels_of(item.image)
+    assert _tinted(overlay, original)[:, :30].all() and not _tinted(overlay, original)[:, 34:].any()
+    item = alpha["0001.png"]
+    overlay = np.asarray(datasets.mask_overlay(item.image, item.mask, alpha=item.mask_alpha)).astype(int)
+    original = pixels_of(item.image)
+    assert _tinted(overlay, original)[:30].all() and not _tinted(overlay, original)[34:].any()
+
+
 def test_run_views_read_the_run_folder(tmp_path):
     run = tmp_path / "runs" / "r"
     assert views.loss_plot(run) is None
@@ -121,5 +214,5 @@ def test_run_views_read_the_run_folder(tmp_path):
     found = views.results(run)
     assert found.before_label == "before (step 0)" and found.after_label == "after (step 20)"
     assert found.numbers[0][0].startswith("loss")
-    with pytest.raises(SdtuneError):
-        views.generate_command(run, "a prompt", 0, 1.0, 20, tmp_path)  # no config.yaml
+    with pytest.raises(SdtuneError, match="config.yaml"):
+        views.generate_with(run, "a prompt", 0, 1.0, 20)  # no config.yaml

@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
-
-
-def clip_token_counter() -> Callable[[str], int]:
-    """Count a caption's tokens with the shipped CLIP tokenizer (loaded on first use; start/end tokens not counted)."""
-    tokenizer = None
-
-    def count(text: str) -> int:
-        nonlocal tokenizer
-        if tokenizer is None:
-            from sdtune.models.tokenizers import load_tokenizer
-
-            tokenizer = load_tokenizer()
-            tokenizer.model_max_length = 1 << 30  # count long captions without transformers' length warning
-        return len(tokenizer.tokenize(text))
-
-    return count
 
 
 def _default_sheet(path: Path) -> Path:
@@ -54,6 +37,7 @@ def register(app: typer.Typer) -> None:
 
         from sdtune.core.atomic import write_text
         from sdtune.data.check import KINDS, CheckOptions, check_dataset, write_contact_sheet
+        from sdtune.models.tokenizers import clip_token_counter
 
         console = Console()
         options = CheckOptions(

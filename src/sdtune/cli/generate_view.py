@@ -24,12 +24,13 @@ def run_generate(
     console: Console,
     embeddings: list[Path] = (),
     hypernetworks: list[str] = (),
+    loras: list[str] = (),
 ) -> None:
-    """Load, apply embeddings, generate with fixed seeds, save PNGs with infotext and a grid."""
+    """Load, apply embeddings, hypernetworks and LoRAs (:mod:`sdtune.tools.apply_outputs`), generate with fixed
+    seeds, save PNGs with infotext and a grid."""
     from sdtune.formats.hashes import a1111_short_hash
     from sdtune.inference.generate import (
         GenerationSettings,
-        apply_hypernetwork,
         generate,
         grid,
         infotext,
@@ -44,26 +45,17 @@ def run_generate(
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and value % 8:
             raise SdtuneError(f"{name}: must be a multiple of 8 (got {value}); e.g. 512")
-    from sdtune.adapters.token_embedding import apply_embedding, expand_token
-    from sdtune.formats.embeddings import check_width, load_embedding
+    from sdtune.tools.apply_outputs import Addition, apply_additions, parse_file_strength
+
+    additions = [Addition("embedding", Path(file)) for file in embeddings]
+    for option, kind, specs in (("--hypernetwork", "hypernetwork", hypernetworks), ("--lora", "lora", loras)):
+        for spec in specs:  # FILE or FILE:strength; several chain in order (A1111)
+            additions.append(Addition(kind, *parse_file_strength(spec, option)))
 
     path = resolve_path(model)
     components = load_model(path)
     written = list(prompts)  # what the user typed: it goes into the infotext
-    for file in embeddings:  # A1111 convention: the embedding's name is the trigger word
-        emb = load_embedding(file)
-        check_width(emb, tuple(e.get_input_embeddings().embedding_dim for e in components.text_encoders), file)
-        keys = ("clip_l", "clip_g") if emb.is_sdxl else ("text_encoder",)
-        try:
-            apply_embedding(components.tokenizers, components.text_encoders, emb.name, [emb.vectors[k] for k in keys])
-        except ValueError as exc:
-            raise SdtuneError(f"{file}: {exc}; rename the file to use another trigger word") from None
-        prompts = [expand_token(p, emb.name, emb.num_vectors) for p in prompts]
-        console.print(f"embedding {file}: write '{emb.name}' in prompts ({emb.num_vectors} vectors)", highlight=False)
-    for spec in hypernetworks:  # FILE or FILE:strength; several chain in order (A1111)
-        file, strength = parse_hypernetwork_arg(spec)
-        apply_hypernetwork(components, file, strength)
-        console.print(f"hypernetwork {file} at strength {strength:g}", highlight=False)
+    prompts = apply_additions(components, additions, prompts, lambda text: console.print(text, highlight=False))
     settings = GenerationSettings(
         steps=steps, cfg_scale=cfg, sampler=sampler, width=width, height=height, negative_prompt=negative
     )
@@ -80,15 +72,3 @@ def run_generate(
     for p in paths:
         console.print(str(p), highlight=False)
     console.print(f"grid: {sheet}", highlight=False)
-
-
-def parse_hypernetwork_arg(text: str) -> tuple[Path, float]:
-    """``FILE`` or ``FILE:strength`` (``--hypernetwork style.pt:0.6``); a missing file is a one-line error."""
-    path, _, tail = text.rpartition(":")
-    try:
-        file, strength = (Path(path), float(tail)) if path else (Path(text), 1.0)
-    except ValueError:
-        file, strength = Path(text), 1.0  # a ':' that is part of the path (C:\...)
-    if not file.is_file():
-        raise SdtuneError(f"--hypernetwork: no such file {str(file)!r}; give FILE or FILE:strength, e.g. style.pt:0.8")
-    return file, strength

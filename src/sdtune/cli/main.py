@@ -101,12 +101,27 @@ def generate_cmd(
     out: Path = typer.Option(Path("outputs"), help="Output folder for the PNGs (with A1111 infotext) and grid."),
     embedding: list[Path] = typer.Option([], help="Textual-inversion file(s); its name is the word to use in prompts."),
     hypernetwork: list[str] = typer.Option([], help="A1111 hypernetwork file(s): FILE or FILE:strength (default 1)."),
+    lora: list[str] = typer.Option([], help="LoRA / LyCORIS file(s): FILE or FILE:weight (default 1)."),
 ) -> None:
     """Generate images; each PNG carries A1111-style parameters, and a grid.png shows them all."""
     from sdtune.cli.generate_view import run_generate
 
     run_generate(
-        prompts, model, n, seed, steps, cfg, sampler, negative, width, height, out, console, embedding, hypernetwork
+        prompts,
+        model,
+        n,
+        seed,
+        steps,
+        cfg,
+        sampler,
+        negative,
+        width,
+        height,
+        out,
+        console,
+        embedding,
+        hypernetwork,
+        lora,
     )
 
 

@@ -52,11 +52,15 @@ class MaskSource:
     alpha: bool = False
 
 
+def _alpha_in(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
+
+
 def has_alpha(image: Path) -> bool:
     """True if the image file has an alpha channel (or a transparent palette colour); reads the header only."""
     try:
         with Image.open(image) as im:
-            return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
+            return _alpha_in(im)
     except (OSError, ValueError, SyntaxError, EOFError):
         return False  # not decodable: training skips the image and reports it by name
 
@@ -93,7 +97,7 @@ def mask_image(source: MaskSource) -> Image.Image:
         ) from None
     if not source.alpha:
         return im
-    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+    if _alpha_in(im):
         return im.convert("RGBA").getchannel("A")
     return Image.new("L", im.size, 255)
 

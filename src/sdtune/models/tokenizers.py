@@ -9,6 +9,7 @@ SD 2.x and SDXL's second encoder pad with ``!`` (id 0). Each shipped family conf
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -31,3 +32,18 @@ def load_tokenizer(folder: str | Path | None = None) -> CLIPTokenizer:
         settings = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
     kwargs = {k: settings[k] for k in ("pad_token", "model_max_length") if k in settings}
     return CLIPTokenizer.from_pretrained(str(CLIP_BPE_DIR), local_files_only=True, **kwargs)
+
+
+def clip_token_counter(folder: str | Path | None = None) -> Callable[[str], int]:
+    """Count a caption's CLIP tokens (start/end tokens not counted) with :func:`load_tokenizer` ``(folder)``,
+    loaded on first use: the dataset check's ``count_tokens`` for ``sdtune data check`` and the web UI."""
+    tokenizer: CLIPTokenizer | None = None
+
+    def count(text: str) -> int:
+        nonlocal tokenizer
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder)
+            tokenizer.model_max_length = 1 << 30  # count long captions without transformers' length warning
+        return len(tokenizer.tokenize(text))
+
+    return count

@@ -1,18 +1,17 @@
 """What the Runs and Results pages show, read from a run folder: loss curve, previews, logs, outputs, numbers.
 
 Only files of the run folder contract (:mod:`sdtune.train.rundir`) are read, so a run started on the command
-line looks the same as one started from the UI. "Generate with this" runs ``sdtune generate`` in a child process
-with the run's base model and its exported file, so the UI process never loads a model.
+line looks the same as one started from the UI. "Generate with this" applies the run's output to its base model
+at a strength with :mod:`sdtune.tools.apply_outputs` (what ``sdtune generate --lora/--hypernetwork/--embedding``
+uses), loads the model for that one call and lets it go.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,48 +208,26 @@ def default_prompt(run_root: Path) -> str:
     return f"a {word} on a blue background" if cfg.model.base == "builtin" else f"a photo of {word}"
 
 
-def generate_command(run_root: Path, prompt: str, seed: int, strength: float, steps: int, out: Path) -> list[str]:
-    """The ``sdtune generate`` arguments that use this run's output with its base model."""
-    cfg = _config(run_root)
-    if cfg is None:
-        raise SdtuneError(f"{run_root}: no readable config.yaml; choose a run folder")
-    outputs = RunDir(run_root).output
-    files = sorted(outputs.iterdir()) if outputs.is_dir() else []
-    if not files:
-        raise SdtuneError(f"{run_root.name}: no output files yet; finish or stop the run first")
-    args = ["generate", prompt, "--seed", str(int(seed)), "--steps", str(int(steps)), "--out", str(out)]
-    model = cfg.model.base
-    if cfg.method == "textual_inversion":
-        embedding = next((f for f in files if f.suffix == ".safetensors"), None)
-        if embedding is None:
-            raise SdtuneError(f"{run_root.name}: no embedding file in output/; finish or stop the run first")
-        args += ["--embedding", str(embedding)]
-    elif cfg.method == "hypernetwork":
-        args += ["--hypernetwork", f"{next(f for f in files if f.suffix == '.pt')}:{float(strength):g}"]
-    elif cfg.method in ("dreambooth", "finetune"):
-        model = str(next((f for f in files if f.is_dir()), files[0]))
-    else:
-        raise SdtuneError(
-            f"method {cfg.method}: `sdtune generate` cannot apply this output yet; load "
-            f"{outputs} in A1111 / ComfyUI / diffusers"
-        )
-    return [*args, "--model", model]
-
-
 def generate_with(
-    run_root: Path, prompt: str, seed: int, strength: float, steps: int = 20, timeout: float = 600
+    run_root: Path, prompt: str, seed: int, strength: float = 1.0, steps: int = 20, out_dir: Path | None = None
 ) -> list[str]:
-    """Generate 1 image with the run's output (``sdtune generate`` in a child process); return the PNG paths."""
+    """Generate 1 image with the run's output applied at ``strength`` (LoRA weight, hypernetwork multiplier, whole
+    model blended with its base; 0 = the base model; embeddings have no strength) and return the PNG paths (A1111
+    infotext inside), written to ``out_dir`` or a new temporary folder."""
     if not prompt.strip():
         raise SdtuneError("prompt: empty; write what to draw, with the trained word")
-    out = Path(tempfile.mkdtemp(prefix="sdtune-ui-generate-"))
-    argv = [sys.executable, "-m", "sdtune.cli.main", *generate_command(run_root, prompt, seed, strength, steps, out)]
-    start = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        raise SdtuneError(lines[-1] if lines else f"sdtune generate failed (exit {done.returncode})")
-    images = sorted(str(p) for p in out.glob("*.png") if p.name != "grid.png")
-    if not images:
-        raise SdtuneError(f"sdtune generate wrote no image in {time.monotonic() - start:.0f}s")
-    return images
+    from sdtune.inference.generate import GenerationSettings, generate, infotext, save_images
+    from sdtune.tools.apply_outputs import load_with_output, run_output
+
+    output = run_output(run_root)
+    model, prompts = load_with_output(output, float(strength), [prompt])
+    try:
+        settings = GenerationSettings(steps=int(steps))
+        images = generate(model, prompts, [int(seed)], settings)
+        name = "sdtune-builtin" if output.base == "builtin" else Path(output.base).stem
+        info = infotext(model, prompt, int(seed), settings, None, name)
+    finally:
+        del model
+        gc.collect()
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="sdtune-ui-generate-"))
+    return [str(p) for p in save_images(images, [info], out)]

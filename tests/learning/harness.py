@@ -58,6 +58,17 @@ def _model_with(outputs: list[Path], method: str) -> SDComponents:
     return model
 
 
+_BASE_SCORES: dict[tuple, WorldScore] = {}
+
+
+def base_score(prompts: list[EvalPrompt], seed: int, images_per_prompt: int = 1) -> WorldScore:
+    """The unchanged built-in model's score on ``prompts``: computed once per test session (it never changes)."""
+    key = (tuple(prompts), seed, images_per_prompt)
+    if key not in _BASE_SCORES:
+        _BASE_SCORES[key] = score_prompts(load_model("builtin"), prompts, BUILTIN_EVAL, seed, images_per_prompt)
+    return _BASE_SCORES[key]
+
+
 def learn(
     config: dict[str, Any],
     concept_prompts: list[EvalPrompt],
@@ -69,11 +80,10 @@ def learn(
     ``before_prompts`` (default: ``concept_prompts``) are what the base model is asked before training, e.g. the
     class word instead of a token it does not know yet.
     """
-    base = load_model("builtin")
     basics = base_prompts(BASE_PROMPTS, seed=0)
     asked = before_prompts or concept_prompts
-    concept_before = score_prompts(base, asked, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
-    base_before = score_prompts(base, basics, BUILTIN_EVAL, seed=seed)
+    concept_before = base_score(asked, seed, images_per_prompt=2)
+    base_before = base_score(basics, seed)
     cfg = parse_config(config, METHOD_SCHEMAS[config["method"]])
     start = time.perf_counter()
     outputs = run(cfg, console=Console(quiet=True), progress=False)

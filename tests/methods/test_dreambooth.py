@@ -68,11 +68,13 @@ def _dtypes(path) -> set[str]:
         return {fh.get_slice(k).get_dtype() for k in fh.keys()}
 
 
-@pytest.mark.parametrize(("dtype", "train_text_encoder"), [("fp32", True), ("fp16", False)])
+@pytest.mark.parametrize(
+    ("family", "dtype", "train_text_encoder"), [("sd1", "fp32", True), ("sd1", "fp16", False), ("sdxl", "fp32", True)]
+)
 def test_exported_checkpoint_loads_in_diffusers_with_the_trained_weights(
-    tmp_path, tiny_checkpoint, image_folder, diffusers_pipelines, unet_output, dtype, train_text_encoder
+    tmp_path, tiny_checkpoint, image_folder, diffusers_pipelines, unet_output, family, dtype, train_text_encoder
 ):
-    path = tiny_checkpoint("sd1")
+    path = tiny_checkpoint(family)
     cfg = db_config(tmp_path, path, image_folder, train_text_encoder=train_text_encoder, save={"dtype": dtype})
     job, outputs = run_job(cfg)
     folder, file = outputs

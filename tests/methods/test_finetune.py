@@ -49,11 +49,14 @@ def _dtypes(path) -> set[str]:
         return {fh.get_slice(k).get_dtype() for k in fh.keys()}
 
 
-@pytest.mark.parametrize(("dtype", "ema", "train_text_encoder"), [("fp32", False, True), ("fp16", True, False)])
+@pytest.mark.parametrize(
+    ("family", "dtype", "ema", "train_text_encoder"),
+    [("sd1", "fp32", False, True), ("sd1", "fp16", True, False), ("sdxl", "fp32", True, True)],
+)
 def test_exported_pipeline_loads_in_diffusers_with_the_weights_users_get(
-    tmp_path, tiny_checkpoint, image_folder, diffusers_pipelines, unet_output, dtype, ema, train_text_encoder
+    tmp_path, tiny_checkpoint, image_folder, diffusers_pipelines, unet_output, family, dtype, ema, train_text_encoder
 ):
-    path = tiny_checkpoint("sd1")
+    path = tiny_checkpoint(family)
     extra = {"save": {"dtype": dtype}, "ema": ema, "ema_decay": 0.9, "train_text_encoder": train_text_encoder}
     job, outputs = run_job(ft_config(tmp_path, path, image_folder, **extra))
     folder, file = outputs

@@ -9,7 +9,8 @@ are upscaled to its native size by the loader) with the settings a user would pi
   lora               rank 8, attention + feed-forward, UNet only
   lora_te            the same + text encoder(s)
   hypernetwork       A1111 layer structure 1, 2, 1 on the cross-attention width
-  dreambooth         UNet, prior preservation (20 class images rendered before timing), weight 1
+  dreambooth         UNet, instance prompt "a sks star", prior preservation (20 class images rendered before
+                     timing), weight 1
   finetune           UNet, EMA on
   finetune_gc        the same with gradient checkpointing
 Steps/s are timed between the StepEnd events after ``warmup`` steps. Peak memory: the process's peak resident set
@@ -36,7 +37,7 @@ METHODS = {
     "dreambooth": {
         "method": "dreambooth",
         "instance_token": "sks",
-        "instance_prompt": "[filewords]",
+        "instance_prompt": "a sks star",
         "class_prompt": "a red circle on a black background",
         "num_class_images": 20,
     },

@@ -61,6 +61,11 @@ def _model_with(outputs: list[Path], method: str) -> SDComponents:
 _BASE_SCORES: dict[tuple, WorldScore] = {}
 
 
+def class_prompts(shape: str) -> list[EvalPrompt]:
+    """Base prompts of one shape in every colour the base model was trained on (DreamBooth's class drift)."""
+    return [p for p in base_prompts(98, seed=0) if p.expect.shape == shape]
+
+
 def base_score(prompts: list[EvalPrompt], seed: int, images_per_prompt: int = 1) -> WorldScore:
     """The unchanged built-in model's score on ``prompts``: computed once per test session (it never changes)."""
     key = (tuple(prompts), seed, images_per_prompt)
@@ -74,21 +79,24 @@ def learn(
     concept_prompts: list[EvalPrompt],
     before_prompts: list[EvalPrompt] | None = None,
     seed: int = 1000,
+    drift_prompts: list[EvalPrompt] | None = None,
+    drift_images: int = 1,
 ) -> Learned:
     """Score the base model, train ``config`` (a dict as in a YAML file), score again with its outputs applied.
 
     ``before_prompts`` (default: ``concept_prompts``) are what the base model is asked before training, e.g. the
-    class word instead of a token it does not know yet.
+    class word instead of a token it does not know yet. ``drift_prompts`` (default: 32 base prompts over every
+    shape and colour) measure what the base model keeps, ``drift_images`` images each.
     """
-    basics = base_prompts(BASE_PROMPTS, seed=0)
+    basics = drift_prompts or base_prompts(BASE_PROMPTS, seed=0)
     asked = before_prompts or concept_prompts
     concept_before = base_score(asked, seed, images_per_prompt=2)
-    base_before = base_score(basics, seed)
+    base_before = base_score(basics, seed, drift_images)
     cfg = parse_config(config, METHOD_SCHEMAS[config["method"]])
     start = time.perf_counter()
     outputs = run(cfg, console=Console(quiet=True), progress=False)
     seconds = time.perf_counter() - start
     model = _model_with(outputs, cfg.method)
     concept_after = score_prompts(model, concept_prompts, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
-    base_after = score_prompts(model, basics, BUILTIN_EVAL, seed=seed)
+    base_after = score_prompts(model, basics, BUILTIN_EVAL, seed=seed, images_per_prompt=drift_images)
     return Learned(concept_before, concept_after, base_before, base_after, seconds, outputs)

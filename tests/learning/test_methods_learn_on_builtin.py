@@ -1,0 +1,38 @@
+"""Every weight-training method learns on the built-in model, run from its shipped example config (`configs/`) and
+scored by the shapes-world scorer (`harness.learn`). The thresholds come from the measurements in BENCHMARKS.md
+("Learning on the built-in model"), with room for floating-point differences between machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sdtune.world import eval_prompts, write_concept_dataset
+
+from .harness import learn
+
+CONFIGS = Path(__file__).parent.parent.parent / "configs"
+# Measured with the same call: 0 % -> 64.3 % of 28 images (BENCHMARKS.md); 50 % leaves room for other machines.
+FT_STAR_AT_LEAST = 0.50
+
+
+def shipped(name: str, tmp_path: Path, data: Path) -> dict[str, Any]:
+    """The example config ``configs/<name>`` as a user runs it, on ``data``, writing under ``tmp_path``."""
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    cfg["data"]["path"] = str(data)
+    cfg["output_dir"] = str(tmp_path / "runs")
+    cfg["preview"] = {"before_training": False, "every_n_steps": 0}
+    cfg.setdefault("save", {})["dtype"] = "fp32"
+    return cfg
+
+
+@pytest.mark.slow
+def test_finetune_learns_the_held_out_star(tmp_path):
+    write_concept_dataset("star", tmp_path / "star", n=20)
+    result = learn(shipped("builtin_ft_star.yaml", tmp_path, tmp_path / "star"), eval_prompts("star"))
+    assert result.concept_before.full <= 0.05, result.summary()  # the base model has never seen a star
+    assert result.concept_after.full >= FT_STAR_AT_LEAST, result.summary()

@@ -134,8 +134,12 @@ def test_caption_edit_training_run_stop_and_results_in_a_browser(ui):
         expect(page.locator("#train-message")).to_contain_text("name: required; e.g. my-concept")
 
         def fill(key: str, value) -> None:
-            field = page.locator(f"#textual_inversion--{key.replace('.', '-')}").locator("textarea, input").first
+            box = page.locator(f"#textual_inversion--{key.replace('.', '-')}")
+            expect(box).to_be_visible()  # folded groups render their fields once opened
+            field = box.locator("textarea, input").first
             field.fill(str(value))
+            field.blur()
+            expect(field).to_have_value(str(value))
 
         fill("name", "teal-ui")
         fill("token", "<teal-ui>")
@@ -154,6 +158,8 @@ def test_caption_edit_training_run_stop_and_results_in_a_browser(ui):
         expect(page.locator("#train-message")).to_contain_text("sdtune train")
         saved = load_train_config(root / "configs" / "teal-ui.yaml")
         assert (saved.name, saved.train.max_steps, saved.data.path) == ("teal-ui", 1000, str(root / "datasets/teal"))
+        assert (saved.data.batch_size, saved.save.every_n_steps) == (2, 20)
+        assert (saved.preview.every_n_steps, saved.preview.steps) == (20, 10)  # every field filled reached the file
         fill("name", "changed-then-loaded")
         page.locator("#train-load").click()  # loading the saved file puts its values back in the form
         expect(page.locator("#train-message")).to_contain_text("loaded a textual_inversion config")

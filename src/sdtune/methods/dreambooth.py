@@ -36,7 +36,7 @@ from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, check_instance_count, class_folder
-from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
 
 
 class DreamBoothJob:
@@ -46,13 +46,14 @@ class DreamBoothJob:
 
     def __init__(self, cfg: DreamBoothConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
+        self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen until step 4 says what trains
         self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._log)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
         self.uses_captions = "[filewords]" in cfg.instance_prompt
@@ -79,8 +80,8 @@ class DreamBoothJob:
                 seed=cfg.train.seed,
                 render=self._render,
                 accelerator=accelerator,
-                log=self._log,
-                report=self._skipped,
+                log=self.report.log,
+                report=self.report.skipped,
             )
         else:
             check_instance_count(self.data, d.batch_size, d.path)
@@ -90,12 +91,6 @@ class DreamBoothJob:
         unfreeze(self.trained, cfg.train.gradient_checkpointing)
         fixed = not (self.uses_captions and (d.shuffle_tags or d.tag_dropout or d.caption_dropout))
         self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
-
-    def _skipped(self, item) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
-
-    def _log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
 
     def _settings(self) -> GenerationSettings:
         p = self.cfg.preview

@@ -41,7 +41,7 @@ from sdtune.train.full_weights import (
     weights_state,
 )
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
 
 
 class FinetuneJob:
@@ -51,13 +51,14 @@ class FinetuneJob:
 
     def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
+        self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen until step 3 says what trains
         self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -70,12 +71,6 @@ class FinetuneJob:
 
         # 4. the EMA of the trained weights (what previews show and export writes)
         self.ema = WeightAverage(named_parameters(self.trained), cfg.ema_decay) if cfg.ema else None
-
-    def _print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
-
-    def _skipped(self, item) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """Inside the block the live modules hold the weights users get: the EMA when it is on."""

@@ -39,7 +39,7 @@ from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
 
 
 def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
@@ -64,13 +64,14 @@ class HypernetworkJob:
 
     def __init__(self, cfg: HypernetworkConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
+        self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen
         self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -90,12 +91,6 @@ class HypernetworkJob:
         self.hypernetwork.reset_parameters(torch.Generator().manual_seed(cfg.train.seed))
         self.hypernetwork.to(accelerator.device).train()
         self.installed = install(unet, self.hypernetwork)
-
-    def _print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
-
-    def _skipped(self, item) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:

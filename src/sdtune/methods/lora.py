@@ -50,7 +50,7 @@ from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import TextCache, encode_prompts
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, class_folder
-from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
 
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
@@ -62,13 +62,14 @@ class LoraJob:
 
     def __init__(self, cfg: LoraConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
+        self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen
         self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
         d = cfg.data
         self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
@@ -141,12 +142,6 @@ class LoraJob:
         table = UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
         return list(table[self.cfg.targets])
 
-    def _print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
-
-    def _skipped(self, item) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
-
     def _prior(self, accelerator: Accelerator) -> PriorPreservation:
         """LoRA-DreamBooth: class images (rendered by the base model when missing) paired with every sample."""
         cfg, db, p = self.cfg, self.cfg.dreambooth, self.cfg.preview
@@ -171,7 +166,7 @@ class LoraJob:
             render=lambda prompts, seeds: generate(self.model, prompts, seeds, settings),
             accelerator=accelerator,
             log=lambda message: self.console.print(message, highlight=False),
-            report=self._skipped,
+            report=self.report.skipped,
         )
 
     # -- what the loop calls -------------------------------------------------------------------------

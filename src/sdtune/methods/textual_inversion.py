@@ -35,7 +35,7 @@ from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -45,13 +45,14 @@ class TextualInversionJob:
 
     def __init__(self, cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
+        self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen
         self.base_path, self.model = frozen_base(cfg, accelerator)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)
-        self.resolution, self.data, self.validation = training_images(cfg, self.model, self._skipped, self._print)
+        self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         self.captions = self.data.captions
         # the token must reach the prompts: through [name] in the templates, or written in every caption
         self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
@@ -84,12 +85,6 @@ class TextualInversionJob:
             with torch.no_grad():
                 for table, vectors in zip(self.tables, self._vectors_from_file(), strict=True):
                     table.extra.copy_(vectors)
-
-    def _print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
-
-    def _skipped(self, item) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
 
     def _vectors_from_file(self) -> list[torch.Tensor]:
         """Per text encoder, the vectors of ``init_embedding`` (its step count becomes the run's start)."""

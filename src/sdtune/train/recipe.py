@@ -9,12 +9,27 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from rich.console import Console
 
 from sdtune.config.methods import RunBase
 from sdtune.data.dataset import ImageCaptionSet, has_validation
+from sdtune.data.images import Skipped
 from sdtune.models.components import SDComponents, native_size
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
+
+
+class ConsoleReport:
+    """How a recipe tells the user about its data: files left out (by name, with the reason) and plain messages."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def skipped(self, item: Skipped) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+
+    def log(self, message: str) -> None:
+        self.console.print(message, highlight=False)
 
 
 def frozen_base(cfg: RunBase, accelerator: Accelerator) -> tuple[Path, SDComponents]:
@@ -27,20 +42,22 @@ def frozen_base(cfg: RunBase, accelerator: Accelerator) -> tuple[Path, SDCompone
 
 
 def training_images(
-    cfg: RunBase, model: SDComponents, report: Callable, log: Callable[[str], object] = print
+    cfg: RunBase, model: SDComponents, report: ConsoleReport
 ) -> tuple[int, ImageCaptionSet, ImageCaptionSet | None]:
     """The resolution (configured, else the model's native one), the training set with its latents, and the
-    held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``. With ``data.buckets``
-    the bucket histogram goes to ``log``."""
+    held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``. Left-out files go to
+    ``report.skipped``; with ``data.buckets`` the bucket histogram goes to ``report.log``."""
     resolution = cfg.data.resolution or native_size(model)
-    data = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report)
+    data = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report.skipped)
     if cfg.data.buckets:
         sizes = data.bucket_histogram()
         lines = [f"  {w}x{h}  aspect {w / h:.2f}  {n} images" for (w, h), n in sizes.items()]
-        log(f"buckets for {resolution}² ({len(sizes)} sizes):\n" + "\n".join(lines))
+        report.log(f"buckets for {resolution}² ({len(sizes)} sizes):\n" + "\n".join(lines))
     validation = None
     if has_validation(cfg.data):
-        validation = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report, split="validation")
+        validation = ImageCaptionSet.load(
+            cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, split="validation"
+        )
     return resolution, data, validation
 
 

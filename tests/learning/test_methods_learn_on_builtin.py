@@ -1,6 +1,7 @@
 """Training methods learn on the built-in model, each run from its shipped example config (`configs/`) and scored
-by the shapes-world scorer (`harness.learn`): the full fine-tune a new shape, the hypernetwork a style. The thresholds come from the measurements in BENCHMARKS.md
-("Learning on the built-in model"), with room for floating-point differences between machines.
+by the shapes-world scorer (`harness.learn`): the full fine-tune a new shape, the hypernetwork a style. The
+thresholds come from the measurements in BENCHMARKS.md ("Learning on the built-in model"), with room for
+floating-point differences between machines.
 """
 
 from __future__ import annotations

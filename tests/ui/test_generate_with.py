@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from image_folders import write_image_folder
 from sdtune.config import METHOD_SCHEMAS, parse_config
 from sdtune.core.errors import SdtuneError
 from sdtune.inference.generate import GenerationSettings, apply_hypernetwork, generate
@@ -29,13 +30,7 @@ def trained(tiny_model, tmp_path_factory):
     """``trained(method, **extra)``: the run folder of a few-step run of ``method`` on a tiny SD1 checkpoint."""
     root = tmp_path_factory.mktemp("generate-with")
     base = save_model(tiny_model("sd1"), root / "tiny.safetensors", dtype=torch.float32)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        pixels = np.full((32, 32, 3), [200, 40 * i, 30], np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"tag{i}, red, square")
+    images = write_image_folder(root / "images", size=32)
 
     done: dict[str, tuple] = {}
 

@@ -173,3 +173,44 @@ def test_pivotal_token_must_reach_the_prompts(tmp_path, tiny_checkpoint, image_f
     cfg = lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, token="<pivot>")
     with pytest.raises(DataError, match="token: <pivot> is in no template line and not in every caption"):
         setup(cfg, Accelerator(cpu=True))
+
+
+def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny_checkpoint, image_folder):
+    from safetensors.torch import load_file
+
+    from sdtune.core.events import StepEnd
+
+    path = tiny_checkpoint("sd1")
+    extra = {"ema": True, "ema_decay": 0.9, "file_format": "peft", "train": {"max_steps": 4}, "optimizer": {"lr": 5e-2}}
+    job, outputs = run_job(lora_config(tmp_path, path, image_folder, name="whole", **extra))
+    whole = load_file(tmp_path / "runs" / "whole" / "checkpoints" / "step-4" / "trainable.safetensors")
+    ema_keys = [k for k in whole if k.startswith("ema.unet.")]
+    assert ema_keys and int(whole["ema.step"][0]) == 4
+    assert all(("ema." + k) in whole for k in whole if k.startswith("unet."))  # every adapter weight is averaged
+    assert any((whole[k] - whole[k[4:]]).abs().max() > 1e-5 for k in ema_keys)  # the average is not the raw weights
+
+    # what users get is the average: diffusers' loader on the exported file reproduces the model under the EMA
+    for module in job.components.values():
+        module.eval()
+    cond = encode_prompts(job.model, ["tag1, red, square"])
+    with job.averaged():
+        averaged = _unet_out(job.model, cond)
+    raw = _unet_out(job.model, cond)
+    fresh = load_model(path)
+    make_pipeline(fresh).load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
+    torch.testing.assert_close(_unet_out(fresh, cond), averaged, atol=1e-5, rtol=1e-4)
+    assert (averaged - raw).abs().max() > 1e-4
+
+    # stopped after step 2 and resumed: bit-exact, the average (and its step count) included
+    cfg = lora_config(tmp_path, path, image_folder, name="stopped", **extra)
+    run = RunDir(tmp_path / "runs" / "stopped")
+    bus = EventBus()
+    bus.subscribe(lambda e: run.request_stop() if isinstance(e, StepEnd) and e.step == 2 else None)
+    job = setup(cfg, Accelerator(cpu=True))
+    train(job, cfg, run, bus, Accelerator(cpu=True))
+    assert [c.step for c in run.list_checkpoints()] == [2]
+    run_job(cfg)
+    resumed = load_file(run.checkpoints / "step-4" / "trainable.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key

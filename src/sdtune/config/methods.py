@@ -48,6 +48,17 @@ class RunBase(StrictModel):
         return value
 
 
+class WeightAverageFields(StrictModel):
+    """The EMA fields shared by the methods that can average their trained weights."""
+
+    ema: bool = False
+    """Keep an exponential moving average of the trained weights (diffusers' EMAModel); previews show it and it is
+    what is exported. Costs one more copy of the trained weights in memory and in checkpoints."""
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, examples=[0.9999])
+    """EMA decay per step: the average spans about 1 / (1 - decay) steps. It ramps up as (1 + t) / (10 + t) first;
+    for short runs use 0.99-0.999."""
+
+
 class TextualInversionConfig(RunBase):
     """Train new token embeddings (textual inversion); the model itself stays frozen."""
 
@@ -99,7 +110,7 @@ class DreamBoothData(StrictModel):
     """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
 
 
-class LoraConfig(RunBase):
+class LoraConfig(WeightAverageFields, RunBase):
     """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
 
     method: Literal["lora"]
@@ -345,7 +356,7 @@ class DreamBoothConfig(RunBase):
         return self
 
 
-class FinetuneConfig(RunBase):
+class FinetuneConfig(WeightAverageFields, RunBase):
     """Full fine-tune: train the model's own weights (UNet and/or text encoders) on captioned images, optionally
     with an EMA of the weights. Exported as a diffusers folder and one `.safetensors` file (A1111, ComfyUI)."""
 
@@ -358,12 +369,6 @@ class FinetuneConfig(RunBase):
     """Learning rate of the UNet. Empty = optimizer.lr."""
     text_encoder_lr: float | None = Field(None, gt=0, examples=[5e-6])
     """Learning rate of the text encoder(s). Empty = optimizer.lr."""
-    ema: bool = False
-    """Keep an exponential moving average of the trained weights (diffusers' EMAModel); previews show it and it is
-    what is exported. Costs one more copy of the trained weights in memory and in checkpoints."""
-    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, examples=[0.9999])
-    """EMA decay per step: the average spans about 1 / (1 - decay) steps. It ramps up as (1 + t) / (10 + t) first;
-    for short runs use 0.99-0.999."""
     export: Literal["full", "trained"] = "full"
     """What the output holds: `full` = the whole model (diffusers pipeline folder + A1111/ComfyUI checkpoint);
     `trained` = only the trained components (diffusers sub-folders such as `unet/`, and a file with only their keys

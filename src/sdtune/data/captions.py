@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.config.blocks import DataConfig
 from sdtune.core.errors import DataError
 
 # A1111 (modules/textual_inversion/dataset.py): "0001-a red circle.png" -> "a red circle".
@@ -90,6 +91,11 @@ class CaptionOptions:
     keep_tags: int = 0
     tag_dropout: float = 0.0
     caption_dropout: float = 0.0
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> CaptionOptions:
+        """The options as a run's ``data:`` block sets them."""
+        return cls(data.shuffle_tags, data.keep_tags, data.tag_dropout, data.caption_dropout)
 
     def __post_init__(self) -> None:
         if self.keep_tags < 0:

@@ -32,11 +32,18 @@ from sdtune.data import CaptionOptions, process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
-from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, check_instance_count, class_folder
-from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import (
+    ConsoleReport,
+    frozen_base,
+    held_out_loss,
+    recipe_loss,
+    text_cache,
+    training_images,
+)
 
 
 class DreamBoothJob:
@@ -55,7 +62,7 @@ class DreamBoothJob:
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         d = cfg.data
-        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
+        self.caption_options = CaptionOptions.from_data(d)
         self.uses_captions = "[filewords]" in cfg.instance_prompt
         token = cfg.instance_token
         if self.uses_captions and token not in cfg.instance_prompt:  # then the captions must name the subject
@@ -90,7 +97,7 @@ class DreamBoothJob:
         self.trained = trained_modules(self.model, unet=True, text_encoders=cfg.train_text_encoder)
         unfreeze(self.trained, cfg.train.gradient_checkpointing)
         fixed = not (self.uses_captions and (d.shuffle_tags or d.tag_dropout or d.caption_dropout))
-        self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
+        self.text_cache = text_cache(self.model, d) if fixed and not cfg.train_text_encoder else None
 
     def _settings(self) -> GenerationSettings:
         p = self.cfg.preview

@@ -26,11 +26,11 @@ from rich.console import Console
 
 from sdtune.config.methods import FinetuneConfig
 from sdtune.core.dtypes import torch_dtype
-from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
-from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
 from sdtune.train.full_weights import (
     export_model,
@@ -41,7 +41,15 @@ from sdtune.train.full_weights import (
     weights_state,
 )
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import (
+    ConsoleReport,
+    captioning,
+    frozen_base,
+    held_out_loss,
+    recipe_loss,
+    text_cache,
+    training_images,
+)
 
 
 class FinetuneJob:
@@ -59,11 +67,8 @@ class FinetuneJob:
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
-        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
-        d = cfg.data
-        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
-        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
-        self.text_cache = TextCache(self.model) if fixed and not cfg.train_text_encoder else None
+        self.templates, self.caption_options, fixed = captioning(cfg.data)
+        self.text_cache = text_cache(self.model, cfg.data) if fixed and not cfg.train_text_encoder else None
 
         # 3. what trains: the chosen components, whole; the VAE stays frozen
         self.trained = trained_modules(self.model, unet=cfg.train_unet, text_encoders=cfg.train_text_encoder)

@@ -31,15 +31,23 @@ from sdtune.adapters.hypernetwork import (
 )
 from sdtune.config.methods import HypernetworkConfig
 from sdtune.core.errors import ConfigError
-from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
 from sdtune.inference.generate import GenerationSettings
 from sdtune.inference.previews import render_previews
-from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import (
+    ConsoleReport,
+    captioning,
+    frozen_base,
+    held_out_loss,
+    recipe_loss,
+    text_cache,
+    training_images,
+)
 
 
 def spec_of(cfg: HypernetworkConfig) -> HypernetworkSpec:
@@ -72,11 +80,8 @@ class HypernetworkJob:
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
-        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
-        d = cfg.data
-        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
-        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
-        self.text_cache = TextCache(self.model) if fixed else None
+        self.templates, self.caption_options, fixed = captioning(cfg.data)
+        self.text_cache = text_cache(self.model, cfg.data) if fixed else None
 
         # 3. the hypernetwork: A1111's structure and init (seeded), hooked before every matching to_k / to_v
         unet = self.model.unet

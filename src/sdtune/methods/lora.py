@@ -8,7 +8,9 @@ Recipe:
    target exists and that the rank fits the layers;
 4. loss: the caption (through the template), noise at a random timestep, the adapted UNet's prediction against
    the noise (or velocity), Min-SNR weighting if configured;
-5. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
+5. EMA (``ema: true``): an exponential moving average of the adapter weights, as the full fine-tune keeps of its
+   weights; previews, the validation loss and export use it, checkpoints hold it;
+6. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
    InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``).
 Pivotal tuning (``token:``): a new word's embedding trains with its own learning rate alongside the adapters,
 is frozen after ``token_train_fraction`` of the steps, and is exported as embedding files next to the LoRA.
@@ -18,6 +20,7 @@ beside the captions with prior preservation (:mod:`sdtune.train.prior`, shared w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -32,9 +35,8 @@ from sdtune.adapters.token_embedding import add_trainable_token, expand_token
 from sdtune.config.methods import LoraConfig
 from sdtune.core.dtypes import cast_floats, torch_dtype
 from sdtune.core.errors import ConfigError, DataError
-from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
-from sdtune.data.disk_cache import text_store
 from sdtune.formats.embeddings import Embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
@@ -47,10 +49,19 @@ from sdtune.formats.lora_files import (
 from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
-from sdtune.models.text_encoding import TextCache, encode_prompts
+from sdtune.models.text_encoding import encode_prompts
+from sdtune.train.ema import WeightAverage
 from sdtune.train.loop import sample_rng
 from sdtune.train.prior import PriorPreservation, class_folder
-from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import (
+    ConsoleReport,
+    captioning,
+    frozen_base,
+    held_out_loss,
+    recipe_loss,
+    text_cache,
+    training_images,
+)
 
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
@@ -70,16 +81,9 @@ class LoraJob:
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
-        self.templates = load_templates(cfg.data.template or "filewords", require_name=False)
-        d = cfg.data
-        self.caption_options = CaptionOptions(d.shuffle_tags, d.keep_tags, d.tag_dropout, d.caption_dropout)
-        fixed = not (d.shuffle_tags or d.tag_dropout or d.caption_dropout) and len(self.templates.lines) == 1
+        self.templates, self.caption_options, fixed = captioning(cfg.data)
         frozen_text = not cfg.train_text_encoder and cfg.token is None
-        self.text_cache = None  # with data.cache_dir the encodings are kept on disk across runs too
-        if fixed and frozen_text:
-            m = self.model
-            store = text_store(d.cache_dir, m.text_encoders, m.tokenizers, m.family.arch)
-            self.text_cache = TextCache(m, store)
+        self.text_cache = text_cache(self.model, cfg.data) if fixed and frozen_text else None
         self.prior = self._prior(accelerator) if cfg.dreambooth else None  # class images from the base model
 
         # 3a. pivotal tuning: a new word's rows, trained with their own rate, frozen after a fraction of the steps
@@ -131,9 +135,27 @@ class LoraJob:
                 [t for t in targets if t in CONV_TARGETS],
             )
             self.peft_configs[name] = config
-            self.params[name] = inject(module, config)
+            with torch.random.fork_rng():  # the adapters' random init follows train.seed, not the process's history
+                torch.manual_seed(cfg.train.seed + len(self.params))
+                self.params[name] = inject(module, config)
         for module in self.components.values():
             module.train()
+
+        # 5. the EMA of the adapter weights (what previews show and export writes)
+        self.ema = None
+        if cfg.ema:
+            token_rows = {id(t.extra) for t in self.tables}  # the pivotal token is exported as it trained
+            named = {  # named as in the checkpoint's adapter state: peft's keys without the adapter name
+                f"{name}.{key.replace('.default', '')}": param
+                for name, module in self.components.items()
+                for key, param in module.named_parameters()
+                if param.requires_grad and id(param) not in token_rows
+            }
+            self.ema = WeightAverage(named, cfg.ema_decay)
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Inside the block the adapters hold the weights users get: the EMA when it is on."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
 
     def _targets(self, component: str) -> list[str]:
         if self.cfg.target_modules:
@@ -200,7 +222,8 @@ class LoraJob:
         for module in self.components.values():
             module.eval()  # no adapter dropout: the same weights must give the same value
         try:
-            return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
+            with self.averaged():
+                return held_out_loss(self.cfg, self.scheduler, self.validation, self._loss)
         finally:
             for module in self.components.values():
                 module.train()
@@ -216,6 +239,8 @@ class LoraJob:
         return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps, weights=weights)
 
     def after_step(self, step: int) -> None:
+        if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)
+            self.ema.update(step)
         for table in self.tables:  # pivotal token: trainable until its share of the steps is done
             table.extra.requires_grad_(step < self.freeze_token_at)
 
@@ -225,7 +250,8 @@ class LoraJob:
             for name, module in self.components.items()
             for key, value in adapter_state(module).items()
         }
-        return state | {f"token.{i}": t.extra.detach().cpu().clone() for i, t in enumerate(self.tables)}
+        state |= {f"token.{i}": t.extra.detach().cpu().clone() for i, t in enumerate(self.tables)}
+        return state | (self.ema.state_dict() if self.ema else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -236,12 +262,15 @@ class LoraJob:
         with torch.no_grad():
             for i, table in enumerate(self.tables):
                 table.extra.copy_(state[f"token.{i}"])
+        if self.ema:
+            self.ema.load_state_dict(state)
 
     # -- outputs -------------------------------------------------------------------------------------
     def export(self, out_dir: Path, step: int) -> list[Path]:
         cfg, family = self.cfg, self.model.family
         dtype = torch_dtype(cfg.save.dtype)
-        states = {name: cast_floats(adapter_state(module), dtype) for name, module in self.components.items()}
+        with self.averaged():
+            states = {name: cast_floats(adapter_state(module), dtype) for name, module in self.components.items()}
         path = Path(out_dir) / f"{cfg.name}.safetensors"
         outputs = [path] + self._export_token(Path(out_dir), step)
         if cfg.file_format == "peft":
@@ -312,7 +341,8 @@ class LoraJob:
         for module in self.components.values():
             module.eval()
         try:
-            return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
+            with self.averaged():
+                return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
         finally:
             for module in self.components.values():
                 module.train()

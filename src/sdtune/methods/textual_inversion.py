@@ -26,7 +26,7 @@ from rich.console import Console
 from sdtune.adapters.token_embedding import add_trainable_token, expand_token, token_names
 from sdtune.config.methods import TextualInversionConfig
 from sdtune.core.errors import ConfigError, DataError
-from sdtune.data import CaptionOptions, load_templates, process_caption
+from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
@@ -35,7 +35,14 @@ from sdtune.inference.generate import GenerationSettings, generate
 from sdtune.inference.previews import render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.loop import sample_rng
-from sdtune.train.recipe import ConsoleReport, frozen_base, held_out_loss, recipe_loss, training_images
+from sdtune.train.recipe import (
+    ConsoleReport,
+    captioning,
+    frozen_base,
+    held_out_loss,
+    recipe_loss,
+    training_images,
+)
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL embedding file keys, in text-encoder order
 
@@ -55,16 +62,13 @@ class TextualInversionJob:
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)
         self.captions = self.data.captions
         # the token must reach the prompts: through [name] in the templates, or written in every caption
-        self.templates = load_templates(cfg.data.template or "subject_filewords", require_name=False)
+        self.templates, self.caption_options, _ = captioning(cfg.data, "subject_filewords")
         named = any("[name]" in line for line in self.templates.lines)
         if not named and not all(cfg.token in c for c in self.captions):
             raise DataError(
                 f"{self.templates.source}: no template line contains [name] and the captions do not all "
                 f"contain {cfg.token}, so the token would never be trained; add [name] to the templates"
             )
-        self.caption_options = CaptionOptions(
-            cfg.data.shuffle_tags, cfg.data.keep_tags, cfg.data.tag_dropout, cfg.data.caption_dropout
-        )
         if len(self.data) < cfg.data.batch_size:
             self.console.print(
                 f"note: {len(self.data)} images, fewer than data.batch_size {cfg.data.batch_size}: "

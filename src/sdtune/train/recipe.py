@@ -1,21 +1,27 @@
-"""What every training recipe shares: the frozen base model, the training and validation images, the configured
-denoising loss and the validation loss at fixed noise."""
+"""What every training recipe shares: the frozen base model, the training and validation images, how captions
+become prompts (templates, per-use options, the text-encoding cache), the configured denoising loss and the
+validation loss at fixed noise."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 from rich.console import Console
 
+from sdtune.config.blocks import DataConfig
 from sdtune.config.methods import RunBase
+from sdtune.data import CaptionOptions, Templates, load_templates
 from sdtune.data.dataset import ImageCaptionSet, has_validation
+from sdtune.data.disk_cache import text_store
 from sdtune.data.images import Skipped
 from sdtune.models.components import SDComponents, native_size
 from sdtune.models.loading import load_model, resolve_path
+from sdtune.models.text_encoding import TextCache
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
 
 
@@ -59,6 +65,30 @@ def training_images(
             cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, split="validation"
         )
     return resolution, data, validation
+
+
+class Captioning(NamedTuple):
+    """How a recipe turns captions into prompts."""
+
+    templates: Templates
+    options: CaptionOptions
+    fixed: bool
+    """Every use of a caption gives the same prompt (one template line, no per-use options): with frozen text
+    encoders, each prompt's encoding can be computed once."""
+
+
+def captioning(data: DataConfig, default_template: str = "filewords") -> Captioning:
+    """The prompt templates (``data.template``, else ``default_template``) and per-use caption options of a run."""
+    templates = load_templates(data.template or default_template, require_name=False)
+    varied = data.shuffle_tags or data.tag_dropout or data.caption_dropout
+    return Captioning(templates, CaptionOptions.from_data(data), not varied and len(templates.lines) == 1)
+
+
+def text_cache(model: SDComponents, data: DataConfig) -> TextCache:
+    """A cache of the frozen text encoders' output per prompt; with ``data.cache_dir`` also kept on disk, so a
+    later run with the same text encoders reuses it."""
+    store = text_store(data.cache_dir, model.text_encoders, model.tokenizers, model.family.arch)
+    return TextCache(model, store)
 
 
 def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.Tensor:

@@ -19,7 +19,9 @@ from sdtune.evaluate.world_eval import BUILTIN_EVAL, WorldScore, score_prompts
 from sdtune.methods.run import run
 from sdtune.models.components import SDComponents
 from sdtune.models.loading import load_model
-from sdtune.world import EvalPrompt, base_prompts
+from sdtune.world import COLOURS, EvalPrompt, base_prompts
+from sdtune.world.captions import subject_caption
+from sdtune.world.scorer import Expectation
 
 BASE_PROMPTS = 32
 
@@ -64,6 +66,15 @@ _BASE_SCORES: dict[tuple, WorldScore] = {}
 def class_prompts(shape: str) -> list[EvalPrompt]:
     """Base prompts of one shape in every colour the base model was trained on (DreamBooth's class drift)."""
     return [p for p in base_prompts(98, seed=0) if p.expect.shape == shape]
+
+
+def leak_prompts(shape: str, fg: str) -> list[EvalPrompt]:
+    """The class asked in plain words ("a heart on a blue background") on every other background, each expecting
+    the trained subject's colour: the fraction read "fully right" is how often the class now comes out as the
+    subject (DreamBooth's language drift). The base model never draws a teal heart unasked (measured: 0 %)."""
+    return [
+        EvalPrompt(subject_caption(shape, bg), Expectation(shape=shape, fg=fg, bg=bg)) for bg in COLOURS if bg != fg
+    ]
 
 
 def base_score(prompts: list[EvalPrompt], seed: int, images_per_prompt: int = 1) -> WorldScore:

@@ -1,5 +1,6 @@
 """Training methods learn on the built-in model, each run from its shipped example config (`configs/`) and scored
-by the shapes-world scorer (`harness.learn`): the full fine-tune a new shape, the hypernetwork a style. The
+by the shapes-world scorer (`harness.learn`): the full fine-tune and a LoRA a new shape, the hypernetwork a style,
+DreamBooth a subject, with and without prior preservation. The
 thresholds come from the measurements in BENCHMARKS.md ("Learning on the built-in model"), with room for
 floating-point differences between machines.
 """
@@ -14,11 +15,20 @@ import yaml
 
 from sdtune.world import eval_prompts, style_eval_prompts, write_concept_dataset, write_style_dataset
 
-from .harness import learn
+from .harness import leak_prompts, learn
 
 CONFIGS = Path(__file__).parent.parent.parent / "configs"
 # Measured with the same call: 0 % -> 64.3 % of 28 images (BENCHMARKS.md); 50 % leaves room for other machines.
 FT_STAR_AT_LEAST = 0.50
+# Measured: LoCon rank 32 with the adapter EMA, 0 % -> 57.1 % of 28 images, base prompts 87.5 % -> 59.4 % of 32.
+LORA_STAR_AT_LEAST = 0.50
+LORA_BASE_AT_LEAST = 0.45
+# Measured (train.seed 0 / 1): "sks heart" reads as a teal heart in 41.7 / 37.5 % (no prior) and 45.8 / 70.8 %
+# (prior) of 24 images; "a heart on a <colour> background" comes out teal in 50 / 60 % of 20 images without prior
+# preservation and in 0 / 10 % with it (the base model: 0 %).
+DB_SUBJECT_AT_LEAST = 0.25
+DB_LEAK_WITH_PRIOR_AT_MOST = 0.20
+DB_LEAK_REDUCED_BY_AT_LEAST = 0.30
 # Measured: pictures on black (the "night" style) 0 % -> 90.6 % of 32 images; fully right (shape and foreground
 # colour kept as well) 0 % -> 46.9 %.
 HN_NIGHT_BG_AT_LEAST = 0.75
@@ -41,6 +51,32 @@ def test_finetune_learns_the_held_out_star(tmp_path):
     result = learn(shipped("builtin_ft_star.yaml", tmp_path, tmp_path / "star"), eval_prompts("star"))
     assert result.concept_before.full <= 0.05, result.summary()  # the base model has never seen a star
     assert result.concept_after.full >= FT_STAR_AT_LEAST, result.summary()
+
+
+@pytest.mark.slow
+def test_lora_learns_the_held_out_star(tmp_path):
+    write_concept_dataset("star", tmp_path / "star", n=20)
+    result = learn(shipped("builtin_lora_star.yaml", tmp_path, tmp_path / "star"), eval_prompts("star"))
+    assert result.concept_before.full <= 0.05, result.summary()  # the base model has never seen a star
+    assert result.concept_after.full >= LORA_STAR_AT_LEAST, result.summary()  # at least half the samples
+    assert result.base_after.full >= LORA_BASE_AT_LEAST, result.summary()  # what the base prompts keep
+
+
+@pytest.mark.slow
+def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tmp_path):
+    write_concept_dataset("teal_heart", tmp_path / "heart", n=20, token="sks heart")
+    subject = eval_prompts("teal_heart", token="sks heart")
+    leaks = {}
+    for prior in (False, True):
+        cfg = shipped("builtin_db_teal-heart.yaml", tmp_path / str(prior), tmp_path / "heart")
+        cfg["prior_preservation"] = prior
+        result = learn(cfg, subject, drift_prompts=leak_prompts("heart", "teal"), drift_images=2)
+        assert result.base_before.full == 0.0, result.summary()  # the base model never draws a teal heart unasked
+        assert result.concept_after.full >= DB_SUBJECT_AT_LEAST, (prior, result.summary())  # "sks heart" learned
+        leaks[prior] = result.base_after.full
+    # without the class images "a heart" turns into the subject; with them it stays a heart of any colour
+    assert leaks[True] <= DB_LEAK_WITH_PRIOR_AT_MOST, leaks
+    assert leaks[False] - leaks[True] >= DB_LEAK_REDUCED_BY_AT_LEAST, leaks
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ def test_sdtune_train_and_generate_through_the_cli(tmp_path, tiny_checkpoint, im
     result = runner.invoke(app, ["train", str(config)])
     assert result.exit_code == 0, result.output
     pt = tmp_path / "runs" / "style" / "output" / "style.pt"
-    assert pt.is_file() and f"output: {pt}" in result.output.replace("\n", "")
+    assert pt.is_file() and f"output: {pt}\n" in result.output  # one whole line
     data = torch.load(pt, weights_only=True)
     assert data["layer_structure"] == [1.0, 1.5, 1.0] and data[16][0]["linear.0.weight"].shape == (24, 16)
     assert (tmp_path / "runs" / "style" / "samples" / "step-3" / "grid.png").is_file()  # previews ran

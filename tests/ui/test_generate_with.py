@@ -122,7 +122,7 @@ def test_sdtune_generate_applies_a_lora_like_the_ui(trained, tmp_path):
     for weight in (0, 1):
         result = CliRunner().invoke(app, [*args, "--lora", f"{lora}:{weight}", "--out", str(tmp_path / f"cli{weight}")])
         assert result.exit_code == 0, result.output
-        assert f"LoRA {lora} at weight {weight}" in result.output.replace("\n", "")
+        assert f"LoRA {lora} at weight {weight}\n" in result.output  # one whole line
         assert np.array_equal(pixels(tmp_path / f"cli{weight}" / "0000.png"), made(run_root, tmp_path, weight))
     with pytest.raises(SdtuneError, match="--lora: no such file"):
         CliRunner().invoke(app, [*args, "--lora", str(tmp_path / "nope.safetensors")], catch_exceptions=False)

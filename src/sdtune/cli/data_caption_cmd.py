@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 
 
 def register(app: typer.Typer) -> None:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from sdtune.data.check import KINDS, CheckOptions, check_dataset, write_contact_sheet
         from sdtune.models.tokenizers import clip_token_counter
 
-        console = Console()
+        console = Console(soft_wrap=True)
         options = CheckOptions(
             min_side=min_side,
             max_aspect=max_aspect,

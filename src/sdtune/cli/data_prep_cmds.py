@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 
 
 def _bucket_options(resolution: int, step: int, min_side: int | None, max_side: int | None, no_upscale: bool):

@@ -15,7 +15,7 @@ from rich.console import Console
 from sdtune.core.errors import SdtuneError
 
 lora_app = typer.Typer(help="LoRA files: merge into a model, resize, extract, convert, inspect.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 DTYPES = ("fp16", "bf16", "fp32")
 
 

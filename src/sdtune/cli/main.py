@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(lora_app, name="lora")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 err_console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line
 
 

@@ -24,15 +24,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sdtune.adapters.token_embedding import apply_embedding, expand_token
-from sdtune.config import TextualInversionConfig
 from sdtune.evaluate.world_eval import BUILTIN_EVAL, score_prompts
-from sdtune.formats.embeddings import load_embedding
 from sdtune.methods.run import run
 from sdtune.models.loading import load_model
 from sdtune.tools.builtin_build import Build, BuildSettings
-from sdtune.tools.demo import CONCEPT, INIT_TEXT, TOKEN, DemoSettings, write_dataset
-from sdtune.world import EvalPrompt, base_prompts, eval_prompts
+from sdtune.tools.demo import CONCEPT, TOKEN, DemoSettings, demo_config, score_word, with_trained_word, write_dataset
+from sdtune.world import base_prompts, eval_prompts
 
 
 def settings_from(pairs: list[str]) -> BuildSettings:
@@ -98,31 +95,13 @@ def score(model_dir: str, ti_steps: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             data = write_dataset(root / "data", demo.images, demo.seed)
-            cfg = TextualInversionConfig.model_validate(
-                {
-                    "method": "textual_inversion",
-                    "name": "run",
-                    "output_dir": str(root),
-                    "token": TOKEN,
-                    "num_vectors": demo.num_vectors,
-                    "init_text": INIT_TEXT,
-                    "model": {"base": model_dir},
-                    "data": {"path": str(data), "template": str(root / "template.txt"), "batch_size": demo.batch_size},
-                    "optimizer": {"lr": demo.lr},
-                    "train": {"max_steps": demo.steps, "seed": demo.seed},
-                    "save": {"every_n_steps": 0},
-                    "preview": {"every_n_steps": 0},
-                }
+            outputs = run(
+                demo_config(root, data, demo, base=model_dir, preview_every=0),
+                console=Console(quiet=True),
+                progress=False,
             )
-            outputs = run(cfg, console=Console(quiet=True), progress=False)
-            emb = load_embedding(next(p for p in outputs if p.suffix == ".safetensors"))
-        tuned = load_model(model_dir)
-        apply_embedding(tuned.tokenizers, tuned.text_encoders, TOKEN, [emb.vectors["text_encoder"]])
-        prompts = [
-            EvalPrompt(expand_token(p.prompt, TOKEN, demo.num_vectors), p.expect)
-            for p in eval_prompts(CONCEPT, token=TOKEN)
-        ]
-        s = score_prompts(tuned, prompts, BUILTIN_EVAL, seed=1000, images_per_prompt=2)
+            tuned = with_trained_word(load_model(model_dir), outputs)
+        s = score_word(tuned, eval_prompts(CONCEPT, token=TOKEN), demo.num_vectors)
         result["ti"] = {"steps": ti_steps, "full": s.full, "shape": s.shape, "fg": s.fg, "n": s.n}
     return result
 

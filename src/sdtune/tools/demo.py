@@ -62,7 +62,8 @@ def write_dataset(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
-def _score(model: SDComponents, prompts: list[EvalPrompt], num_vectors: int = 1) -> WorldScore:
+def score_word(model: SDComponents, prompts: list[EvalPrompt], num_vectors: int = 1) -> WorldScore:
+    """The demo's score: ``prompts`` (with the new word written out as ``num_vectors`` tokens), 2 images each."""
     expanded = [EvalPrompt(expand_token(p.prompt, TOKEN, num_vectors), p.expect) for p in prompts]
     return score_prompts(model, expanded, BUILTIN_EVAL, seed=1000, images_per_prompt=2)
 
@@ -84,6 +85,36 @@ def _labelled_grid(images: list[Image.Image], label: str) -> Image.Image:
     return out
 
 
+def demo_config(
+    root: Path, data: Path, settings: DemoSettings, base: str = "builtin", preview_every: int = 100
+) -> TextualInversionConfig:
+    """The demo's textual-inversion run (into ``root/run``) on ``data`` as :func:`write_dataset` wrote it."""
+    preview_prompts = [p.prompt for p in eval_prompts(CONCEPT, token=TOKEN)[:4]]
+    return TextualInversionConfig.model_validate(
+        {
+            "method": "textual_inversion",
+            "name": "run",
+            "output_dir": str(root),
+            "token": TOKEN,
+            "num_vectors": settings.num_vectors,
+            "init_text": INIT_TEXT,
+            "model": {"base": base},
+            "data": {"path": str(data), "template": str(root / "template.txt"), "batch_size": settings.batch_size},
+            "optimizer": {"lr": settings.lr},
+            "train": {"max_steps": settings.steps, "seed": settings.seed},
+            "save": {"every_n_steps": 0},
+            "preview": {"every_n_steps": preview_every, "prompts": preview_prompts, "cfg_scale": 5.0},
+        }
+    )
+
+
+def with_trained_word(model: SDComponents, outputs: list[Path]) -> SDComponents:
+    """``model`` with the embedding the demo's run wrote (``outputs``) known as :data:`TOKEN`."""
+    emb = load_embedding(next(p for p in outputs if p.suffix == ".safetensors"))
+    apply_embedding(model.tokenizers, model.text_encoders, TOKEN, [emb.vectors["text_encoder"]])
+    return model
+
+
 def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = None) -> dict:
     """Run the demo into ``out_root/demo-teal-heart``; returns the report dict (also written as report.json)."""
     console = console or Console()
@@ -96,27 +127,13 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
 
     console.print("scoring the built-in model before training ...")
     base_model = load_model("builtin")
-    words_concept = _score(base_model, words_set)
-    before_concept = _score(
+    words_concept = score_word(base_model, words_set)
+    before_concept = score_word(
         _with_initial_token(load_model("builtin"), settings.num_vectors), concept_set, settings.num_vectors
     )
     before_base = score_prompts(base_model, base_set, BUILTIN_EVAL, seed=1000)
 
-    cfg = TextualInversionConfig.model_validate(
-        {
-            "method": "textual_inversion",
-            "name": "run",
-            "output_dir": str(root),
-            "token": TOKEN,
-            "num_vectors": settings.num_vectors,
-            "init_text": INIT_TEXT,
-            "data": {"path": str(data), "template": str(root / "template.txt"), "batch_size": settings.batch_size},
-            "optimizer": {"lr": settings.lr},
-            "train": {"max_steps": settings.steps, "seed": settings.seed},
-            "save": {"every_n_steps": 0},
-            "preview": {"every_n_steps": 100, "prompts": [p.prompt for p in concept_set[:4]], "cfg_scale": 5.0},
-        }
-    )
+    cfg = demo_config(root, data, settings)
     run_folder = root / "run"
     if run_folder.exists():
         import shutil
@@ -125,10 +142,8 @@ def run_demo(out_root: Path, settings: DemoSettings, console: Console | None = N
     outputs = run(cfg, console=console)
 
     console.print("scoring again with the trained embedding ...")
-    emb = load_embedding(next(p for p in outputs if p.suffix == ".safetensors"))
-    after_model = load_model("builtin")
-    apply_embedding(after_model.tokenizers, after_model.text_encoders, TOKEN, [emb.vectors["text_encoder"]])
-    after_concept = _score(after_model, concept_set, settings.num_vectors)
+    after_model = with_trained_word(load_model("builtin"), outputs)
+    after_concept = score_word(after_model, concept_set, settings.num_vectors)
     after_base = score_prompts(after_model, base_set, BUILTIN_EVAL, seed=1000)
 
     before_after = root / "before_after.png"

@@ -19,6 +19,7 @@ from sdtune.evaluate.world_eval import BUILTIN_EVAL, WorldScore, score_prompts
 from sdtune.methods.run import run
 from sdtune.models.components import SDComponents
 from sdtune.models.loading import load_model
+from sdtune.tools.apply_outputs import load_with_output, run_output
 from sdtune.world import COLOURS, EvalPrompt, base_prompts
 from sdtune.world.captions import subject_caption
 from sdtune.world.scorer import Expectation
@@ -42,21 +43,9 @@ class Learned:
         )
 
 
-def _model_with(outputs: list[Path], method: str) -> SDComponents:
-    """The built-in model with what the run wrote applied the way a user would apply it."""
-    if method in ("dreambooth", "finetune"):
-        return load_model(next(p for p in outputs if p.suffix == ".safetensors"))
-    model = load_model("builtin")
-    if method == "lora":
-        from sdtune.tools.lora_tools import apply_lora
-
-        apply_lora(model, next(p for p in outputs if p.suffix == ".safetensors"))
-    elif method == "hypernetwork":
-        from sdtune.inference.generate import apply_hypernetwork
-
-        apply_hypernetwork(model, next(p for p in outputs if p.suffix == ".pt"))
-    else:
-        raise ValueError(method)
+def _model_with(outputs: list[Path]) -> SDComponents:
+    """The built-in model with what the run wrote applied as the web UI's "Generate with this" applies it."""
+    model, _ = load_with_output(run_output(outputs[0].parent.parent))  # <run>/output/<file>
     return model
 
 
@@ -107,7 +96,7 @@ def learn(
     start = time.perf_counter()
     outputs = run(cfg, console=Console(quiet=True), progress=False)
     seconds = time.perf_counter() - start
-    model = _model_with(outputs, cfg.method)
+    model = _model_with(outputs)
     concept_after = score_prompts(model, concept_prompts, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
     base_after = score_prompts(model, basics, BUILTIN_EVAL, seed=seed, images_per_prompt=drift_images)
     return Learned(concept_before, concept_after, base_before, base_after, seconds, outputs)

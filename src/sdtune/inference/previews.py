@@ -1,10 +1,17 @@
-"""Preview images during training: seeded generation saved as PNGs with infotext plus a grid."""
+"""Preview images during training: which prompts, sampled how, and seeded generation saved as PNGs with infotext
+plus a grid."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from sdtune.config.blocks import PreviewConfig
+from sdtune.data import Templates
 from sdtune.inference.generate import GenerationSettings, generate, grid, infotext, save_images
 from sdtune.inference.infotext import save_png
 from sdtune.models.components import SDComponents
@@ -24,3 +31,40 @@ def render_previews(
     texts = [infotext(model, p, s, settings, None, model_name) for p, s in zip(shown, seeds, strict=True)]
     paths = save_images(images, texts, out_dir)
     return paths, save_png(grid(images), out_dir / "grid.png")
+
+
+def preview_settings(preview: PreviewConfig, resolution: int) -> GenerationSettings:
+    """How a run samples its previews (and class images): the ``preview`` block at the training resolution."""
+    return GenerationSettings(
+        steps=preview.steps,
+        cfg_scale=preview.cfg_scale,
+        sampler=preview.sampler,
+        width=resolution,
+        height=resolution,
+        negative_prompt=preview.negative_prompt,
+    )
+
+
+def preview_prompts(
+    preview: PreviewConfig, templates: Templates, captions: Sequence[str], name: str | None
+) -> list[str]:
+    """The configured preview prompts, ``[name]`` written as ``name`` (left as it is where ``name`` is ``None``);
+    none configured: the first (up to 4) training captions through the run's templates, drawn with
+    ``preview.seed`` so every preview of a run shows the same prompts."""
+    if preview.prompts:
+        return [p if name is None else p.replace("[name]", name) for p in preview.prompts]
+    rng = random.Random(preview.seed)
+    return [templates.render(name or "", caption, rng) for caption in captions[:4]]
+
+
+@contextmanager
+def eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The trained ``modules`` in eval mode while previews sample (no dropout), back in train mode afterwards."""
+    modules = list(modules)
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.train()

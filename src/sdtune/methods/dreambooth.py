@@ -30,8 +30,8 @@ from sdtune.core.dtypes import torch_dtype
 from sdtune.core.errors import DataError
 from sdtune.data import CaptionOptions, process_caption
 from sdtune.data.dataset import ImageCaptionSet
-from sdtune.inference.generate import GenerationSettings, generate
-from sdtune.inference.previews import render_previews
+from sdtune.inference.generate import generate
+from sdtune.inference.previews import eval_mode, preview_settings, render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
@@ -99,19 +99,8 @@ class DreamBoothJob:
         fixed = not (self.uses_captions and (d.shuffle_tags or d.tag_dropout or d.caption_dropout))
         self.text_cache = text_cache(self.model, d) if fixed and not cfg.train_text_encoder else None
 
-    def _settings(self) -> GenerationSettings:
-        p = self.cfg.preview
-        return GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
-
     def _render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        return generate(self.model, prompts, seeds, self._settings())
+        return generate(self.model, prompts, seeds, preview_settings(self.cfg.preview, self.resolution))
 
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:
@@ -169,13 +158,9 @@ class DreamBoothJob:
         if not prompts:  # the subject as trained, and its class (which prior preservation keeps)
             prompts = [self.prompt(0, random.Random(p.seed))] + ([cfg.class_prompt] if cfg.class_prompt else [])
         seeds = [p.seed + i for i in range(len(prompts))]
-        for module in self.trained.values():
-            module.eval()
-        try:
-            return render_previews(self.model, prompts, prompts, seeds, self._settings(), out_dir, self.base_path.stem)
-        finally:
-            for module in self.trained.values():
-                module.train()
+        settings = preview_settings(p, self.resolution)
+        with eval_mode(self.trained.values()):
+            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
 
 
 def setup(cfg: DreamBoothConfig, accelerator: Accelerator, console: Console | None = None) -> DreamBoothJob:

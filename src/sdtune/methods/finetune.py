@@ -28,8 +28,7 @@ from sdtune.config.methods import FinetuneConfig
 from sdtune.core.dtypes import torch_dtype
 from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
-from sdtune.inference.generate import GenerationSettings
-from sdtune.inference.previews import render_previews
+from sdtune.inference.previews import eval_mode, preview_prompts, preview_settings, render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
 from sdtune.train.full_weights import (
@@ -136,27 +135,11 @@ class FinetuneJob:
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         p = self.cfg.preview
-        prompts = list(p.prompts) or [
-            self.templates.render("", self.data.captions[i], random.Random(p.seed))
-            for i in range(min(4, len(self.data)))
-        ]
+        prompts = preview_prompts(p, self.templates, self.data.captions, name=None)
         seeds = [p.seed + i for i in range(len(prompts))]
-        settings = GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
-        for module in self.trained.values():
-            module.eval()
-        try:
-            with self.averaged():
-                return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
-        finally:
-            for module in self.trained.values():
-                module.train()
+        settings = preview_settings(p, self.resolution)
+        with eval_mode(self.trained.values()), self.averaged():
+            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
 
 
 def setup(cfg: FinetuneConfig, accelerator: Accelerator, console: Console | None = None) -> FinetuneJob:

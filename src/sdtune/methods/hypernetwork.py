@@ -35,8 +35,7 @@ from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.hypernetwork_file import HypernetworkFile, save_hypernetwork
-from sdtune.inference.generate import GenerationSettings
-from sdtune.inference.previews import render_previews
+from sdtune.inference.previews import preview_prompts, preview_settings, render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.loop import sample_rng
 from sdtune.train.recipe import (
@@ -154,19 +153,9 @@ class HypernetworkJob:
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         p = self.cfg.preview
-        prompts = [q.replace("[name]", self.cfg.name) for q in p.prompts] or [
-            self.templates.render(self.cfg.name, self.data.captions[i], random.Random(p.seed))
-            for i in range(min(4, len(self.data)))
-        ]
+        prompts = preview_prompts(p, self.templates, self.data.captions, name=self.cfg.name)
         seeds = [p.seed + i for i in range(len(prompts))]
-        settings = GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
+        settings = preview_settings(p, self.resolution)
         self.hypernetwork.eval()  # no dropout, and the multiplier applies (A1111 ignores it while training)
         self.hypernetwork.multiplier = self.cfg.multiplier
         try:

@@ -46,8 +46,8 @@ from sdtune.formats.lora_files import (
     to_kohya,
     to_peft_diffusers,
 )
-from sdtune.inference.generate import GenerationSettings, generate
-from sdtune.inference.previews import render_previews
+from sdtune.inference.generate import generate
+from sdtune.inference.previews import eval_mode, preview_prompts, preview_settings, render_previews
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
@@ -166,15 +166,8 @@ class LoraJob:
 
     def _prior(self, accelerator: Accelerator) -> PriorPreservation:
         """LoRA-DreamBooth: class images (rendered by the base model when missing) paired with every sample."""
-        cfg, db, p = self.cfg, self.cfg.dreambooth, self.cfg.preview
-        settings = GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
+        cfg, db = self.cfg, self.cfg.dreambooth
+        settings = preview_settings(cfg.preview, self.resolution)
         return PriorPreservation.prepare(
             prompt=db.class_prompt,
             weight=db.prior_loss_weight,
@@ -322,30 +315,14 @@ class LoraJob:
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         p = self.cfg.preview
-        prompts = [q.replace("[name]", self.cfg.token or "") for q in p.prompts] or [
-            self.templates.render(self.cfg.token or "", self.data.captions[i], random.Random(p.seed))
-            for i in range(min(4, len(self.data)))
-        ]
+        prompts = preview_prompts(p, self.templates, self.data.captions, name=self.cfg.token or "")
         shown = prompts
         if self.cfg.token:
             prompts = [expand_token(q, self.cfg.token, self.cfg.num_vectors) for q in prompts]
         seeds = [p.seed + i for i in range(len(prompts))]
-        settings = GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
-        for module in self.components.values():
-            module.eval()
-        try:
-            with self.averaged():
-                return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
-        finally:
-            for module in self.components.values():
-                module.train()
+        settings = preview_settings(p, self.resolution)
+        with eval_mode(self.components.values()), self.averaged():
+            return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
 
 
 def _tag_frequency(captions: list[str]) -> dict[str, int]:

@@ -31,8 +31,8 @@ from sdtune.data.dataset import ImageCaptionSet
 from sdtune.formats.embeddings import Embedding, check_width, load_embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.png_embedding import save_png_embedding
-from sdtune.inference.generate import GenerationSettings, generate
-from sdtune.inference.previews import render_previews
+from sdtune.inference.generate import generate
+from sdtune.inference.previews import preview_prompts, preview_settings, render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.loop import sample_rng
 from sdtune.train.recipe import (
@@ -172,32 +172,18 @@ class TextualInversionJob:
         return paths
 
     def preview_prompts(self) -> list[str]:
-        if self.cfg.preview.prompts:
-            return [p.replace("[name]", self.cfg.token) for p in self.cfg.preview.prompts]
-        rng = random.Random(self.cfg.preview.seed)
-        count = min(4, len(self.captions))
-        return [self.templates.render(self.cfg.token, self.captions[i], rng) for i in range(count)]
-
-    def _settings(self) -> GenerationSettings:
-        p = self.cfg.preview
-        return GenerationSettings(
-            steps=p.steps,
-            cfg_scale=p.cfg_scale,
-            sampler=p.sampler,
-            width=self.resolution,
-            height=self.resolution,
-            negative_prompt=p.negative_prompt,
-        )
+        return preview_prompts(self.cfg.preview, self.templates, self.captions, name=self.cfg.token)
 
     def _render(self, prompts: list[str], seeds: list[int]):
         expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
-        return generate(self.model, expanded, seeds, self._settings())
+        return generate(self.model, expanded, seeds, preview_settings(self.cfg.preview, self.resolution))
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         prompts = self.preview_prompts()
         seeds = [self.cfg.preview.seed + i for i in range(len(prompts))]
         expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
-        return render_previews(self.model, expanded, prompts, seeds, self._settings(), out_dir, self.base_path.stem)
+        settings = preview_settings(self.cfg.preview, self.resolution)
+        return render_previews(self.model, expanded, prompts, seeds, settings, out_dir, self.base_path.stem)
 
 
 def setup(cfg: TextualInversionConfig, accelerator: Accelerator, console: Console | None = None) -> TextualInversionJob:

@@ -166,12 +166,12 @@ class TextualInversionJob:
         if self.model.family.arch != "sdxl":  # the A1111 .pt and PNG formats hold one text encoder's vectors
             paths.append(out_dir / f"{self.file_stem}.pt")
             save_a1111_pt(emb, paths[-1])
-            (preview,) = self._render([self.preview_prompts()[0]], [self.cfg.preview.seed])
+            (preview,) = self._render([self._preview_prompts()[0]], [self.cfg.preview.seed])
             paths.append(out_dir / f"{self.file_stem}.png")
             save_png_embedding(emb, preview, paths[-1])
         return paths
 
-    def preview_prompts(self) -> list[str]:
+    def _preview_prompts(self) -> list[str]:
         return preview_prompts(self.cfg.preview, self.templates, self.captions, name=self.cfg.token)
 
     def _render(self, prompts: list[str], seeds: list[int]):
@@ -179,7 +179,7 @@ class TextualInversionJob:
         return generate(self.model, expanded, seeds, preview_settings(self.cfg.preview, self.resolution))
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
-        prompts = self.preview_prompts()
+        prompts = self._preview_prompts()
         seeds = [self.cfg.preview.seed + i for i in range(len(prompts))]
         expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
         settings = preview_settings(self.cfg.preview, self.resolution)

@@ -26,12 +26,12 @@ from sdtune.adapters.token_embedding import a1111_init, apply_embedding, expand_
 from sdtune.config import TextualInversionConfig
 from sdtune.core.atomic import write_text
 from sdtune.evaluate.world_eval import BUILTIN_EVAL, WorldScore, score_prompts
-from sdtune.formats.embeddings import load_embedding
 from sdtune.inference.generate import grid
 from sdtune.inference.infotext import save_png
 from sdtune.methods.run import run
 from sdtune.models.components import SDComponents
 from sdtune.models.loading import load_model
+from sdtune.tools.apply_outputs import add_embedding
 from sdtune.world import EvalPrompt, base_prompts, concept_dataset, eval_prompts, get_concept, render
 
 TOKEN = "<teal-heart>"
@@ -110,8 +110,7 @@ def demo_config(
 
 def with_trained_word(model: SDComponents, outputs: list[Path]) -> SDComponents:
     """``model`` with the embedding the demo's run wrote (``outputs``) known as :data:`TOKEN`."""
-    emb = load_embedding(next(p for p in outputs if p.suffix == ".safetensors"))
-    apply_embedding(model.tokenizers, model.text_encoders, TOKEN, [emb.vectors["text_encoder"]])
+    add_embedding(model, next(p for p in outputs if p.suffix == ".safetensors"), word=TOKEN)
     return model
 
 

@@ -138,3 +138,42 @@ def test_bad_arguments(vae, images) -> None:
         LatentCache.encode(vae, images, "sometimes", _gen(0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         LatentCache.encode(vae, images[0], "once", _gen(0))
+
+
+def test_encode_batch_size_shrinks_with_the_image_side() -> None:
+    from sdtune.data.latents import ENCODE_PIXEL_BUDGET, encode_batch_size
+
+    assert encode_batch_size(64, 64) == 16  # capped
+    assert encode_batch_size(512, 512) == ENCODE_PIXEL_BUDGET // (512 * 512) == 2
+    assert encode_batch_size(1024, 1024) == 1
+    assert encode_batch_size(4096, 4096) == 1  # never 0
+    assert encode_batch_size(768, 512) * 768 * 512 <= ENCODE_PIXEL_BUDGET
+
+
+@pytest.mark.parametrize("mode", ["once", "random"])
+def test_image_files_are_decoded_a_chunk_at_a_time_with_the_same_latents(vae, images, mode) -> None:
+    from sdtune.data.latents import ImageFiles
+
+    chunks: list[int] = []
+    loaded: list[int] = []
+
+    def load(i: int) -> torch.Tensor:
+        loaded.append(i)
+        return images[i]
+
+    class Counting(ImageFiles):
+        def __getitem__(self, chunk: slice) -> torch.Tensor:
+            out = super().__getitem__(chunk)
+            chunks.append(out.shape[0])
+            return out
+
+    seen: list[tuple[int, int]] = []
+    files = Counting(list(range(5)), load, (16, 16))
+    progress = lambda done, total: seen.append((done, total))  # noqa: E731
+    lazy = LatentCache.encode(vae, files, mode, _gen(5), batch_size=2, flip=True, progress=progress)
+    eager = LatentCache.encode(vae, images, mode, _gen(5), batch_size=2, flip=True)
+    assert chunks == [2, 2, 1, 2, 2, 1], "originals then mirrored copies, never more than batch_size decoded at once"
+    assert sorted(loaded) == sorted(list(range(5)) * 2)
+    g1, g2 = _gen(9), _gen(9)
+    assert torch.equal(lazy.get(range(5), g1), eager.get(range(5), g2))
+    assert seen == [(2, 10), (4, 10), (5, 10), (7, 10), (9, 10), (10, 10)]

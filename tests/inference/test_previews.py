@@ -19,11 +19,12 @@ def test_configured_prompts_name_the_token_or_stay_as_written():
 
 
 def test_without_prompts_the_first_four_captions_through_the_templates_fixed_by_the_seed():
-    prompts = preview_prompts(PreviewConfig(seed=3), TEMPLATES, CAPTIONS, name="sks")
+    prompts = preview_prompts(PreviewConfig(seed=3, num_prompts=4), TEMPLATES, CAPTIONS, name="sks")
     assert len(prompts) == 4
     for i, prompt in enumerate(prompts):
         assert prompt.endswith(f"caption {i}") and "sks" in prompt
-    assert preview_prompts(PreviewConfig(seed=3), TEMPLATES, CAPTIONS, name="sks") == prompts  # same every preview
+    again = preview_prompts(PreviewConfig(seed=3, num_prompts=4), TEMPLATES, CAPTIONS, name="sks")
+    assert again == prompts  # same every preview
     draws = {tuple(preview_prompts(PreviewConfig(seed=s), TEMPLATES, CAPTIONS, name="sks")) for s in range(8)}
     assert len(draws) > 1  # the seed picks the template lines
     assert preview_prompts(PreviewConfig(), TEMPLATES, CAPTIONS[:2], name="x")[1].endswith("caption 1")

@@ -216,3 +216,29 @@ def test_run_views_read_the_run_folder(tmp_path):
     assert found.numbers[0][0].startswith("loss")
     with pytest.raises(SdtuneError, match="config.yaml"):
         views.generate_with(run, "a prompt", 0, 1.0, 20)  # no config.yaml
+
+
+def test_the_event_log_view_shows_sdtune_lines_not_the_debug_lines_of_libraries(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "events.log").write_text(
+        "2026-01-01 00:00:00 debug diffusers.models.modeling_utils: There are modules in UNet2DConditionModel ...\n"
+        "2026-01-01 00:00:01 training lora from step 0 to 30, effective batch 2\n"
+        "2026-01-01 00:00:02 debug sdtune.third_party: FutureWarning: `torch_dtype` is deprecated\n"
+        "2026-01-01 00:00:03 skipped [name] bad.png: not an image\n"
+    )
+    shown = views.log_text(run).splitlines()
+    assert shown == [
+        "2026-01-01 00:00:01 training lora from step 0 to 30, effective batch 2",
+        "2026-01-01 00:00:03 skipped [name] bad.png: not an image",
+    ]
+    assert "debug" in (run / "events.log").read_text()  # still in the file for whoever debugs
+
+
+def test_the_run_status_shows_slow_speeds_as_seconds_per_step(tmp_path):
+    from sdtune.ui.jobs import RunStatus
+
+    slow = RunStatus(tmp_path, "r", "lora", "running", step=3, max_steps=500, steps_per_second=0.0806)
+    fast = RunStatus(tmp_path, "r", "lora", "running", step=3, max_steps=500, steps_per_second=12.34)
+    assert "12.4 s/step" in views.status_markdown(slow) and "0.08" not in views.status_markdown(slow)
+    assert "12.3 it/s" in views.status_markdown(fast)

@@ -231,3 +231,16 @@ def test_a_disabled_optional_block_is_none_and_an_enabled_one_validates():
     values[index["dreambooth"]] = True
     values[index["dreambooth.class_prompt"]] = "a heart"
     assert parse_form(schema, fields, values).dreambooth.class_prompt == "a heart"
+
+
+def test_auto_or_number_preview_fields_show_auto_and_take_numbers():
+    schema = METHOD_SCHEMAS["textual_inversion"]
+    fields = form_fields(schema)
+    values = default_values(fields)
+    index = {f.key: i for i, f in enumerate(fields)}
+    values[index["name"]], values[index["token"]], values[index["data.path"]] = "n", "<t>", "d"
+    assert values[index["preview.steps"]] == "auto" and values[index["preview.num_prompts"]] == "auto"
+    assert parse_form(schema, fields, values).preview.steps == "auto"
+    values[index["preview.steps"]], values[index["preview.enabled"]] = "8", False
+    cfg = parse_form(schema, fields, values)
+    assert cfg.preview.steps == 8 and cfg.preview.enabled is False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 
@@ -49,9 +50,12 @@ def register(app: typer.Typer) -> None:
         )
         report = caption_folder(folder, engine, extension=caption_ext, prefix=prefix, existing=existing)
         for item in report.unreadable:
-            console.print(f"[yellow]skipped[/yellow] {item.path.name}: {item.reason}", highlight=False)
+            console.print(f"[yellow]skipped[/yellow] {escape(f'{item.path.name}: {item.reason}')}", highlight=False)
         for image in report.uncaptioned:
-            console.print(f"[yellow]no caption[/yellow] {image.name}: the {captioner} captioner read nothing")
+            console.print(
+                f"[yellow]no caption[/yellow] {escape(f'{image.name}: the {captioner} captioner read nothing')}",
+                highlight=False,
+            )
         console.print(
             f"{len(report.written)} captions written, {len(report.kept)} kept, {len(report.uncaptioned)} uncaptioned, "
             f"{len(report.unreadable)} unreadable",

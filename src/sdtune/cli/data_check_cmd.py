@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Decode every image and caption; report per file what training will skip or convert (exit 1 on errors)."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
+        from rich.text import Text
 
         from sdtune.core.atomic import write_text
         from sdtune.data.check import KINDS, CheckOptions, check_dataset, write_contact_sheet
@@ -49,7 +51,7 @@ def register(app: typer.Typer) -> None:
         )
         report = check_dataset(path, options)
 
-        counts = Table(title=f"{path}: {report.images_checked} images read, {report.images_used} usable")
+        counts = Table(title=escape(f"{path}: {report.images_checked} images read, {report.images_used} usable"))
         for column in ("kind", "severity", "files", "meaning"):
             counts.add_column(column, justify="right" if column == "files" else "left")
         style = {"error": "red", "warning": "yellow", "info": "dim"}
@@ -63,10 +65,14 @@ def register(app: typer.Typer) -> None:
                 files.add_column(column, overflow="fold")
             for f in report.findings:
                 name = str(f.path.relative_to(path)) if f.path.is_relative_to(path) else str(f.path)
-                files.add_row(name, f"[{style[f.severity]}]{f.kind}[/]", f.message, f.action)
+                files.add_row(Text(name), f"[{style[f.severity]}]{f.kind}[/]", Text(f.message), Text(f.action))
             console.print(files)
         else:
-            console.print(f"{path}: {report.images_checked} images read, all usable as they are; nothing to report")
+            console.print(
+                f"{path}: {report.images_checked} images read, all usable as they are; nothing to report",
+                highlight=False,
+                markup=False,
+            )
         console.print(
             f"near duplicates: pHash distance <= {options.near_duplicate_distance} of 63 bits; "
             f"caption tokens {'counted with the CLIP tokenizer' if tokens else 'not counted'}",
@@ -75,12 +81,12 @@ def register(app: typer.Typer) -> None:
 
         written = write_contact_sheet(report, sheet or _default_sheet(path))
         if written:
-            console.print(f"contact sheet: {written}", highlight=False)
+            console.print(f"contact sheet: {written}", highlight=False, markup=False)
         if json_out:
             import json
 
             write_text(json_out, json.dumps(report.to_dict(strict), indent=2, ensure_ascii=False) + "\n")
-            console.print(f"json: {json_out}", highlight=False)
+            console.print(f"json: {json_out}", highlight=False, markup=False)
 
         errors, warns = len(report.errors), len(report.warnings)
         if report.passed(strict):

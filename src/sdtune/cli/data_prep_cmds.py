@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 
@@ -37,7 +39,7 @@ def print_histogram(histogram: dict, title: str) -> None:
 
 def _print_skipped(skipped) -> None:
     for item in skipped:
-        console.print(f"[yellow]skipped[/yellow] {item.path.name}: {item.reason}", highlight=False)
+        console.print(f"[yellow]skipped[/yellow] {escape(f'{item.path.name}: {item.reason}')}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,6 +92,7 @@ def register(app: typer.Typer) -> None:
             f"{report.captions} captions, {len(report.skipped)} skipped"
             + (f", {report.removed} stale files removed" if report.removed else ""),
             highlight=False,
+            markup=False,
         )
         if buckets:
             print_histogram(report.buckets, "images per bucket")
@@ -135,19 +138,19 @@ def register(app: typer.Typer) -> None:
         if edit.empty:
             counts, read, bad = tag_frequencies(folder, caption_ext)
             for path in bad:
-                console.print(f"[yellow]not UTF-8, skipped[/yellow] {path.name}", highlight=False)
+                console.print(f"[yellow]not UTF-8, skipped[/yellow] {escape(path.name)}", highlight=False)
             table = Table(title=f"{len(counts)} tags in {read} caption files (top {min(top, len(counts))})")
             table.add_column("#", justify="right")
             table.add_column("tag")
             table.add_column("files", justify="right")
             table.add_column("share", justify="right")
             for rank, (tag, n) in enumerate(counts.most_common(top), 1):
-                table.add_row(str(rank), tag, str(n), f"{n / max(read, 1):.0%}")
+                table.add_row(str(rank), Text(tag), str(n), f"{n / max(read, 1):.0%}")  # a tag as written
             console.print(table)
             return
         report = edit_folder(folder, edit, caption_ext, dry_run=dry_run)
         for path in report.not_utf8:
-            console.print(f"[yellow]not UTF-8, left untouched[/yellow] {path.name}", highlight=False)
+            console.print(f"[yellow]not UTF-8, left untouched[/yellow] {escape(path.name)}", highlight=False)
         if dry_run:
             for change in report.changes:
                 for line in change.diff():
@@ -155,4 +158,4 @@ def register(app: typer.Typer) -> None:
                     style = "green" if line[:1] == "+" and not line.startswith("+++") else style
                     console.print(line, style=style, highlight=False, markup=False)
         verb = "would change" if dry_run else "changed"
-        console.print(f"{verb} {len(report.changes)} of {report.files} caption files", highlight=False)
+        console.print(f"{verb} {len(report.changes)} of {report.files} caption files", highlight=False, markup=False)

@@ -55,7 +55,8 @@ def run_generate(
     path = resolve_path(model)
     components = load_model(path)
     written = list(prompts)  # what the user typed: it goes into the infotext
-    prompts = apply_additions(components, additions, prompts, lambda text: console.print(text, highlight=False))
+    report = lambda text: console.print(text, highlight=False, markup=False)  # noqa: E731 - file names literally
+    prompts = apply_additions(components, additions, prompts, report)
     settings = GenerationSettings(
         steps=steps, cfg_scale=cfg, sampler=sampler, width=width, height=height, negative_prompt=negative
     )
@@ -70,5 +71,5 @@ def run_generate(
     paths = save_images(images, infos, out)
     sheet = save_png(grid(images, columns=n if n > 1 else None), out / "grid.png")
     for p in paths:
-        console.print(str(p), highlight=False)
-    console.print(f"grid: {sheet}", highlight=False)
+        console.print(str(p), highlight=False, markup=False)
+    console.print(f"grid: {sheet}", highlight=False, markup=False)

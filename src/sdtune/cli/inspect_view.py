@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from sdtune.core.errors import ModelError
 
@@ -24,21 +26,22 @@ def show(path: str, console: Console) -> None:
             raise
         # Not a full model: a LoRA, an embedding, a VAE... show what it holds.
         shapes = read_shapes(resolved)
-        console.print(f"[bold]{resolved}[/bold]: not a model checkpoint ({exc})", highlight=False)
+        what = escape(f"not a model checkpoint ({exc})")
+        console.print(f"[bold]{escape(str(resolved))}[/bold]: {what}", highlight=False)
         console.print(
             f"tensors: {len(shapes)}  addnet hash: {addnet_hash(resolved)[:12]}  sha256: {a1111_short_hash(resolved)}"
         )
         _metadata_table(read_metadata(resolved), console)
         return
     family = summary.detection.family
-    console.print(f"[bold]{summary.path}[/bold]", highlight=False)
+    console.print(f"[bold]{escape(str(summary.path))}[/bold]", highlight=False)
     console.print(
         f"family: [cyan]{family.name}[/cyan] ({family.arch}, {family.prediction_type}, "
         f"{'inpainting, ' if family.inpainting else ''}native {family.resolution}px)  "
         f"layout: {summary.detection.layout}"
     )
     for note in summary.detection.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     table = Table("component", "parameters", "dtypes")
     for name, comp in summary.components.items():
         table.add_row(name, f"{comp.parameters:,}", ", ".join(f"{d} x{n}" for d, n in comp.dtypes.most_common()))
@@ -57,5 +60,5 @@ def _metadata_table(metadata: dict[str, str], console: Console) -> None:
     table = Table("metadata key", "value")
     for key in sorted(metadata):
         value = metadata[key]
-        table.add_row(key, value if len(value) < 120 else value[:117] + "...")
+        table.add_row(Text(key), Text(value if len(value) < 120 else value[:117] + "..."))  # metadata as written
     console.print(table)

@@ -64,7 +64,7 @@ def merge(
 
     pairs = [parse_lora_arg(a) for a in loras]
     path = merge_loras(base, pairs, out, layout=layout, dtype=_dtype(dtype), overwrite=overwrite)  # type: ignore[arg-type]
-    console.print(f"merged {len(pairs)} LoRA(s) into {path}", highlight=False)
+    console.print(f"merged {len(pairs)} LoRA(s) into {path}", highlight=False, markup=False)
 
 
 @lora_app.command("resize")
@@ -78,7 +78,7 @@ def resize(
     from sdtune.tools.lora_tools import resize_lora
 
     _report(resize_lora(file, rank, out, conv_rank), "resized")
-    console.print(f"wrote {out}", highlight=False)
+    console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @lora_app.command("extract")
@@ -94,7 +94,7 @@ def extract(
     from sdtune.tools.lora_tools import extract_lora
 
     _report(extract_lora(base, tuned, rank, out, conv_rank, targets), "extracted")
-    console.print(f"wrote {out}", highlight=False)
+    console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @lora_app.command("convert")
@@ -107,13 +107,14 @@ def convert(
     """Convert a LoRA file between the kohya/LyCORIS and diffusers PEFT layouts."""
     from sdtune.tools.lora_tools import convert_lora
 
-    console.print(f"wrote {convert_lora(file, to, out, base)}", highlight=False)  # type: ignore[arg-type]
+    console.print(f"wrote {convert_lora(file, to, out, base)}", highlight=False, markup=False)  # type: ignore[arg-type]
 
 
 @lora_app.command("inspect")
 def inspect(file: Path = typer.Argument(..., help="A LoRA .safetensors file.")) -> None:
     """Show a LoRA file's layout, algorithm, ranks, modules and metadata."""
     from rich.table import Table
+    from rich.text import Text
 
     from sdtune.formats.lora_files import lora_summary
 
@@ -135,5 +136,5 @@ def inspect(file: Path = typer.Argument(..., help="A LoRA .safetensors file.")) 
     if s["metadata"]:
         table = Table("metadata", "value", show_lines=False)
         for key, value in sorted(s["metadata"].items()):
-            table.add_row(key, value if len(value) <= 100 else value[:97] + "...")
+            table.add_row(Text(key), Text(value if len(value) <= 100 else value[:97] + "..."))  # as written
         console.print(table)

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from sdtune.cli.data_cmds import data_app
 from sdtune.cli.lora_cmds import lora_app
+from sdtune.core import quiet
 from sdtune.core.errors import SdtuneError
+
+quiet.install()  # before torch/transformers/diffusers load: their notices, bars and warnings stay off the console
 
 app = typer.Typer(
     name="sdtune",
@@ -38,7 +43,7 @@ def validate(
     from sdtune.config import dump_yaml, load_train_config
 
     cfg = load_train_config(config, set_)
-    console.print(f"[green]ok[/green] {config}: method {cfg.method}")
+    console.print(f"[green]ok[/green] {escape(str(config))}: method {cfg.method}", highlight=False)
     console.print(dump_yaml(cfg), highlight=False, markup=False)
 
 
@@ -52,14 +57,14 @@ def demo(
 
     report = run_demo(out, DemoSettings(steps=steps), console)
     c, b = report["concept_fidelity"], report["base_accuracy"]
-    console.print(f"\n[bold]{report['token']}[/bold] (a teal heart: never in the base model's training images)")
+    console.print(f"\n[bold]{escape(report['token'])}[/bold] (a teal heart: never in the base model's training images)")
     console.print(
         f"concept fidelity with the new word: {c['before']:.0%} before training -> [bold]{c['after']:.0%}[/bold] "
         f"after, of {c['n']} images (the base model asked in plain words: {c['words']:.0%})"
     )
     console.print(f"base prompts:     {b['before']:.0%} -> {b['after']:.0%} of {b['n']} images (drift check)")
     for label, path in report["files"].items():
-        console.print(f"{label}: {path}", highlight=False)
+        console.print(f"{label}: {path}", highlight=False, markup=False)
     console.print(f"took {report['seconds']:.0f}s")
 
 
@@ -68,14 +73,20 @@ def train(
     config: Path = typer.Argument(..., help="A training config YAML, or a run folder to resume."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder's latest checkpoint."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.max_steps=500"),
+    allow_config_change: bool = typer.Option(
+        False,
+        "--allow-config-change",
+        help="Resume even if the config changed in a way that breaks the exact resume (batch, seed, data, ...); "
+        "the changes are recorded in events.log.",
+    ),
 ) -> None:
     """Train with a config (any method); progress, previews, checkpoints go to runs/<name>/."""
     from sdtune.methods.run import resolve, run
 
     cfg, resume = resolve(config, set_, resume)
-    outputs = run(cfg, resume=resume, console=console)
+    outputs = run(cfg, resume=resume, console=console, allow_config_change=allow_config_change)
     for path in outputs:
-        console.print(f"output: {path}", highlight=False)
+        console.print(f"output: {path}", highlight=False, markup=False)
 
 
 @app.command()
@@ -145,11 +156,14 @@ def ui_cmd(
     roots = Roots(root or [Path.cwd()])
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
-            f"[yellow]warning:[/yellow] serving on {host}: anyone who reaches it can train and read "
-            f"files in {roots.shown()}; the UI has no login",
+            "[yellow]warning:[/yellow] "
+            + escape(
+                f"serving on {host}: anyone who reaches it can train and read files in {roots.shown()}; the UI has "
+                "no login: use --host 127.0.0.1 unless this network is trusted"
+            ),
             highlight=False,
         )
-    console.print(f"sdtune ui: http://{host}:{port} · folders: {roots.shown()}", highlight=False)
+    console.print(f"sdtune ui: http://{host}:{port} · folders: {roots.shown()}", highlight=False, markup=False)
     launch(roots, runs, host, port)
 
 
@@ -175,7 +189,7 @@ def builtin_build(
     deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
     if build.run(deadline):
         path = build.export(out) if out else build.export()
-        console.print(f"built-in model written to {path}")
+        console.print(f"built-in model written to {path}", highlight=False, markup=False)
     else:
         console.print(f"paused at stage {build.state['stage']} step {build.state['step']}; run again to resume")
 
@@ -199,28 +213,57 @@ def builtin_dataset(
     else:
         choices = ", ".join([*CONCEPTS, *STYLES])
         raise SdtuneError(f"concept: unknown {concept!r}; choose one of {choices} (--token is for concepts only)")
-    console.print(f"wrote {len(paths)} images with captions to {out}")
+    console.print(f"wrote {len(paths)} images with captions to {out}", highlight=False, markup=False)
+
+
+def _usage_error_classes() -> tuple[type[Exception], ...]:
+    """The click exception classes a command line can raise: typer's vendored click (typer >= 0.20) and real click."""
+    from typer._click.exceptions import ClickException as TyperClickException
+
+    classes: list[type[Exception]] = [TyperClickException]
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:  # typer no longer needs click; it may be absent
+        pass
+    return tuple(classes)
+
+
+def _print_error(message: str) -> None:
+    """``error: <message>`` as one line on stderr; the message is printed literally (``[name]`` stays ``[name]``)."""
+    err_console.print(Text.assemble(("error:", "red"), " ", " ".join(message.split())), highlight=False)
 
 
 def main() -> None:
-    """Entry point: run the app, print sdtune errors as one line (exit 2), never a traceback."""
+    """Entry point: run the app, print sdtune errors and usage errors as one line (exit 2), never a traceback."""
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="sdtune")  # "Try 'sdtune train --help'" also under python -m
     except SdtuneError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except typer.Abort:
+        _print_error("aborted")
+        sys.exit(1)
     except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        if not isinstance(exc, _usage_error_classes()):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group (`sdtune lora`): its help, not an error
+            if help_text := exc.format_message().strip():  # with rich installed typer has printed it already
+                console.print(help_text, markup=False, highlight=False)
+            sys.exit(0)
+        message = " ".join(exc.format_message().split()).rstrip()
+        if not message.endswith((".", "!", "?")):
+            message += "."
+        hint = f" Try '{ctx.command_path} --help'." if ctx is not None else ""
+        _print_error(f"{message}{hint}")
+        sys.exit(getattr(exc, "exit_code", 2) or 2)  # usage errors: 2
 
 
 if __name__ == "__main__":

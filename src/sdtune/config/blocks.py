@@ -29,6 +29,10 @@ class ModelConfig(StrictModel):
     """Base model: `builtin` (sdtune's shapes-world model), a diffusers folder, or a .safetensors/.ckpt file."""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """What the UNet predicts. `auto` reads it from the model; set it for SD 2.x files that do not record it."""
+    vae_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Precision of the frozen VAE (it encodes the latent cache and decodes previews). `auto`: the run's precision
+    (`train.mixed_precision`), except that fp16 runs keep the VAE in fp32, since SDXL's VAE overflows in fp16
+    (kohya's `--no_half_vae`)."""
 
 
 class DataConfig(StrictModel):
@@ -160,7 +164,9 @@ class TrainConfig(StrictModel):
     noise_offset: float = Field(0.0, ge=0.0, examples=[0.05])
     """Offset noise strength (Guttenberg 2023); helps very dark or bright images; 0 = off."""
     gradient_checkpointing: bool = False
-    """Trade compute for memory in the UNet."""
+    """Trade compute for memory: every method recomputes activations in the backward pass instead of keeping them,
+    in the UNet and in the text encoders the loss backpropagates through (textual inversion, pivotal tuning, a
+    trained text encoder). About a third more time per step."""
     validation_every_n_steps: int = Field(0, ge=0, examples=[100])
     """Compute the validation loss (at fixed noise and timesteps, so values are comparable) every N steps; it goes
     to metrics.jsonl and TensorBoard. Needs `data.validation_split` or `data.validation_path`. 0 = off."""
@@ -178,16 +184,22 @@ class SaveConfig(StrictModel):
 
 
 class PreviewConfig(StrictModel):
+    enabled: bool = True
+    """Render preview images at all. `false` = none: not before, during or after training (no `samples/`); a
+    textual inversion still renders the one image its A1111 `.png` embedding is stored in."""
     every_n_steps: int = Field(0, ge=0, examples=[100])
     """Render preview images every N steps (0 = only before and after training)."""
     prompts: list[str] = Field(default_factory=list, examples=[["a photo of [name]"]])
-    """Preview prompts (`[name]` = the new token). Empty = the first training captions."""
+    """Preview prompts (`[name]` = the new token). Empty = the first training captions (see `num_prompts`)."""
+    num_prompts: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    """How many training captions to preview when `prompts` is empty. `auto` = 4 on a GPU, 2 on a CPU."""
     negative_prompt: str = Field("", examples=["blurry"])
     """Negative prompt for previews."""
     seed: int = Field(0, examples=[0])
     """Seed of the preview noise; fixed so previews are comparable across steps."""
-    steps: int = Field(20, ge=1, le=1000, examples=[20])
-    """Sampling steps."""
+    steps: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = "auto"
+    """Sampling steps of previews (and DreamBooth class images). `auto` = 20 on a GPU, 8 on a CPU (where 20 steps
+    of 4 prompts at 512 px take minutes)."""
     cfg_scale: float = Field(7.0, ge=0.0, examples=[7.0])
     """Classifier-free guidance scale."""
     sampler: Literal["ddim", "euler", "euler_a", "dpmpp_2m"] = "ddim"

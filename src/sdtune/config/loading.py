@@ -29,16 +29,29 @@ _FLOAT_TAG = "tag:yaml.org,2002:float"
 _NULL_WORDS = {"", "~", "null", "Null", "NULL"}
 
 
+# YAML 1.1 also reads yes/no/on/off (any case) as booleans, so ``mixed_precision: no`` -- the documented value --
+# arrived as ``false``. As in YAML 1.2, only true/false are booleans; ``no`` stays the string "no", and a bool field
+# still takes it, since pydantic reads "no"/"off"/"yes"/"on" as booleans.
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_BOOL_1_2 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float."""
+    """SafeLoader that reads ``1e-4`` as a float and only true/false as booleans (YAML 1.2's rules)."""
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes strings such as ``'1e-4'``, which :class:`_Loader` would read as floats."""
+    """SafeDumper that quotes strings such as ``'1e-4'``, which :class:`_Loader` would read as floats (and still
+    quotes ``'no'``, so other YAML 1.1 readers get the string too)."""
 
 
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver(_FLOAT_TAG, _SCIENTIFIC, list("-+0123456789."))
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_1_2, list("tTfF"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -70,9 +83,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` override set.
 
-    The value is read as YAML, so ``1e-4`` is a float, ``true`` a bool, ``[a, b]`` a list and ``null`` (or
-    an empty value) is None; quote it to force a string (``--set token="'123'"``). Missing intermediate
-    mappings are created. ``data`` itself is not modified.
+    The value is read as YAML (1.2's rules, as in files), so ``1e-4`` is a float, ``true`` a bool, ``no`` a
+    string, ``[a, b]`` a list and ``null`` (or an empty value) is None; quote it to force a string
+    (``--set token="'123'"``). Missing intermediate mappings are created. ``data`` itself is not modified.
     """
     result = copy.deepcopy(data)
     for override in overrides:

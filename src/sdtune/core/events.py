@@ -56,6 +56,8 @@ class RunFinished:
     step: int
     outputs: tuple[str, ...]
     reason: str = "max steps reached"
+    train_seconds: float | None = None  # wall time of this process's run without its previews
+    preview_seconds: float = 0.0  # wall time spent rendering previews
 
 
 @dataclass(frozen=True)
@@ -81,5 +83,9 @@ class EventBus:
             try:
                 listener(event)
             except Exception as exc:  # noqa: BLE001 - a display must never stop training
-                print(f"warning: event listener {listener!r} failed ({exc}); it is dropped", file=sys.stderr)
+                print(
+                    f"warning: event listener {listener!r} failed ({exc}); it is dropped and training goes on "
+                    "(its display or log stops here; the run folder's metrics.jsonl and events.log stay complete)",
+                    file=sys.stderr,
+                )
                 self.listeners.remove(listener)

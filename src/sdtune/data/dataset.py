@@ -25,7 +25,7 @@ from sdtune.data.buckets import BucketOptions, assign_buckets
 from sdtune.data.captions import caption_for
 from sdtune.data.disk_cache import DiskCache
 from sdtune.data.images import IMAGE_SUFFIXES, Skipped, decode_all, load_image
-from sdtune.data.latents import LatentCache
+from sdtune.data.latents import ImageFiles, LatentCache, Progress
 from sdtune.data.masks import loss_weights
 from sdtune.data.sources import Entry, Sources, load_sources
 from sdtune.data.splits import Split, split_entries
@@ -186,6 +186,7 @@ class ImageCaptionSet:
         seed: int,
         report: Callable[[Skipped], None] = lambda item: None,
         split: Split = "train",
+        progress: EncodeProgress | None = None,
     ) -> ImageCaptionSet:
         """Read ``cfg.path`` (folder, kohya folders, kohya ``.toml`` or ``.jsonl``), decode and caption the images,
         report every left-out file by name through ``report``, and encode latents once (unless
@@ -194,13 +195,14 @@ class ImageCaptionSet:
         ``split`` picks the part of the partition set by ``data.validation_split`` / ``data.test_split`` (all
         images train when both are 0); ``"validation"`` with ``data.validation_path`` reads that path instead.
         Validation and test examples are each image once (no repeats). Files the source itself left out are
-        reported with the training split only.
+        reported with the training split only. ``progress(size, done, total)`` follows the latent encoding of each
+        training size (``"512x512"``).
         """
         if split == "validation" and cfg.validation_path:
             sources = load_sources(cfg.validation_path, cfg.caption_extension)
             check_source_settings(sources, cfg, resolution)
             entries = [replace(e, repeats=1) for e in sources.entries]
-            return cls.from_entries(entries, cfg, vae, resolution, seed, report, sources.skipped)
+            return cls.from_entries(entries, cfg, vae, resolution, seed, report, sources.skipped, progress)
         sources = load_sources(cfg.path, cfg.caption_extension)
         check_source_settings(sources, cfg, resolution)
         entries, skipped = sources.entries, sources.skipped
@@ -222,7 +224,7 @@ class ImageCaptionSet:
                     )
         elif split != "train":
             raise DataError(f"{cfg.path}: no {split} images; set data.validation_split (e.g. 0.1) or validation_path")
-        return cls.from_entries(entries, cfg, vae, resolution, seed, report, skipped)
+        return cls.from_entries(entries, cfg, vae, resolution, seed, report, skipped, progress)
 
     @classmethod
     def from_entries(
@@ -234,6 +236,7 @@ class ImageCaptionSet:
         seed: int,
         report: Callable[[Skipped], None] = lambda item: None,
         skipped: Sequence[Skipped] = (),
+        progress: EncodeProgress | None = None,
     ) -> ImageCaptionSet:
         """Examples from normalized entries (see :mod:`sdtune.data.sources`); ``skipped`` are files the source
         already left out. A caption of ``None`` follows the ``data.*`` sidecar / file-name rules."""
@@ -269,7 +272,9 @@ class ImageCaptionSet:
             image_rows.append((group, len(members[group])))
             members[group].append(path)
         groups = [
-            _encode_group(size, members[g], [first_entry[p] for p in members[g]], cfg, vae, seed)
+            _encode_group(
+                size, members[g], [first_entry[p] for p in members[g]], cfg, vae, seed, _sized(progress, size)
+            )
             for size, g in group_of.items()
         ]
         return cls(
@@ -331,6 +336,17 @@ class ImageCaptionSet:
         return Batch(latents, mask, weights)
 
 
+EncodeProgress = Callable[[str, int, int], None]
+"""``progress(size, done, total)``: latent encoding of one training size (``"512x512"``), after each chunk."""
+
+
+def _sized(progress: EncodeProgress | None, size: tuple[int, int]) -> Progress | None:
+    if progress is None:
+        return None
+    label = f"{size[0]}x{size[1]}"
+    return lambda done, total: progress(label, done, total)
+
+
 def training_sizes(images: Sequence[Path], cfg: DataConfig, resolution: int) -> list[tuple[int, int]]:
     """The ``(width, height)`` each image trains at: the square ``resolution``, or with ``data.buckets`` its
     aspect-ratio bucket (:mod:`sdtune.data.buckets`, sizes read from the file headers)."""
@@ -354,7 +370,13 @@ def bucket_options(cfg: DataConfig, resolution: int) -> BucketOptions:
 
 
 def _encode_group(
-    size: tuple[int, int], paths: list[Path], entries: list[Entry], cfg: DataConfig, vae: Any, seed: int
+    size: tuple[int, int],
+    paths: list[Path],
+    entries: list[Entry],
+    cfg: DataConfig,
+    vae: Any,
+    seed: int,
+    progress: Progress | None = None,
 ) -> LatentGroup:
     """Decode and encode the images of one training size (through the disk cache when ``data.cache_dir`` is set)
     and read their loss masks onto its latent grid."""
@@ -371,15 +393,21 @@ def _encode_group(
             seed,
             DiskCache(Path(cfg.cache_dir) / "latents"),
             flip=cfg.flip,
+            progress=progress,
         )
-    else:
-        images = torch.stack([load_image(p, size) for p in paths]).to(vae.device, vae.dtype)
+    elif cfg.cache_latents:  # decoded and encoded a chunk at a time: the whole set is never stacked
         cache = LatentCache.encode(
             vae,
-            images if cfg.cache_latents else images[:1],
+            ImageFiles(paths, lambda p: load_image(p, size), size),
             cfg.latent_sampling,
             torch.Generator().manual_seed(seed),
             flip=cfg.flip,
+            progress=progress,
+        )
+    else:  # encoded on every use: the decoded images stay in memory
+        images = torch.stack([load_image(p, size) for p in paths]).to(vae.device, vae.dtype)
+        cache = LatentCache.encode(
+            vae, images[:1], cfg.latent_sampling, torch.Generator().manual_seed(seed), flip=cfg.flip
         )
     grid = cache.latent_shape[1:]
     weights = loss_weights(entries, grid, cfg.alpha_mask, cfg.mask_floor)

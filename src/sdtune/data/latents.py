@@ -25,6 +25,35 @@ from sdtune.data.disk_cache import DiskCache, digest, file_digest, latent_key, m
 LatentMode = Literal["once", "deterministic", "random"]
 _MODES = ("once", "deterministic", "random")
 
+ENCODE_PIXEL_BUDGET = 2 * 512 * 512
+"""Pixels one VAE encode call takes at most (16 images at most): 2 images at 512 px, 1 at 1024 px, 16 at 256 px.
+The VAE's activations, not the images, set the start-up peak; at 512 px in fp32 one image's encode holds about
+0.5 GB of them, so the chunk shrinks as the side grows instead of a fixed 16 (2 x 8 GB at 1024 px)."""
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called after each encoded chunk."""
+
+
+def encode_batch_size(height: int, width: int, limit: int = 16) -> int:
+    """Images per VAE encode call at ``height`` x ``width`` (see :data:`ENCODE_PIXEL_BUDGET`)."""
+    return max(1, min(limit, ENCODE_PIXEL_BUDGET // max(1, height * width)))
+
+
+class ImageFiles:
+    """Image files decoded on demand, one chunk at a time, so a whole dataset never sits in memory at once.
+
+    ``load(path)`` returns ``[3, H, W]`` in ``[-1, 1]``; ``files[a:b]`` is the stacked chunk ``[b - a, 3, H, W]``.
+    """
+
+    def __init__(self, paths: Sequence[Path], load: Callable[[Path], torch.Tensor], size: tuple[int, int]) -> None:
+        self.paths, self.load, self.size = list(paths), load, size  # size: (width, height) every image decodes to
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, chunk: slice) -> torch.Tensor:
+        return torch.stack([self.load(p) for p in self.paths[chunk]])
+
 
 def _config_value(config: Any, key: str) -> Any:
     # diffusers' FrozenDict is a dict with attribute access; accept either so test doubles stay simple.
@@ -57,13 +86,15 @@ class LatentCache:
     def encode(
         cls,
         vae: Any,
-        images: torch.Tensor,
+        images: torch.Tensor | ImageFiles,
         mode: LatentMode,
         generator: torch.Generator,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         flip: bool = False,
+        progress: Progress | None = None,
     ) -> LatentCache:
-        """Encode ``images`` (``[N, 3, H, W]`` in ``[-1, 1]``) with a diffusers ``AutoencoderKL``.
+        """Encode ``images`` (``[N, 3, H, W]`` in ``[-1, 1]``, or :class:`ImageFiles` decoded a chunk at a time)
+        with a diffusers ``AutoencoderKL``, ``batch_size`` images per call (default :func:`encode_batch_size`).
 
         Latents are ``(z - shift_factor) * scaling_factor`` (``shift_factor`` only where the VAE config has
         one, e.g. SD3/Flux). The VAE runs in its own device and dtype under ``torch.no_grad()``. With
@@ -72,10 +103,15 @@ class LatentCache:
         """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [N, 3, H, W], got {list(images.shape)}")
-        if images.shape[0] == 0:
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"images must be [N, 3, H, W], got {list(images.shape)}")
+            height, width = images.shape[2:]
+        else:
+            width, height = images.size
+        if len(images) == 0:
             raise ValueError("no images to encode")
+        batch_size = encode_batch_size(height, width) if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         param = next(vae.parameters())
@@ -88,16 +124,18 @@ class LatentCache:
         means: list[torch.Tensor] = []
         stds: list[torch.Tensor] = []
         count = 0
+        total = len(images) * len(variants)
         with torch.no_grad():
             for mirrored in variants:
                 v_mean: list[torch.Tensor] = []
                 v_std: list[torch.Tensor] = []
-                for start in range(0, images.shape[0], batch_size):
+                for start in range(0, len(images), batch_size):
                     x = images[start : start + batch_size]
                     if mirrored:
                         x = torch.flip(x, dims=[3])
                     dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
-                    count += x.shape[0]
+                    del x
+                    count += dist.mean.shape[0]
                     if mode == "once":
                         z = dist.sample(generator=generator)
                     else:
@@ -105,6 +143,9 @@ class LatentCache:
                     v_mean.append(((z.float() - shift) * scale).cpu())
                     if mode == "random":
                         v_std.append((dist.std.float() * scale).cpu())
+                    del dist, z
+                    if progress is not None:
+                        progress(count, total)
                 means.append(torch.cat(v_mean))
                 if mode == "random":
                     stds.append(torch.cat(v_std))
@@ -167,7 +208,8 @@ class LatentCache:
         seed: int,
         disk: DiskCache,
         flip: bool = False,
-        batch_size: int = 16,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
     ) -> LatentCache:
         """Like :meth:`encode`, for image files, through a disk cache (``data.cache_dir``).
 
@@ -197,6 +239,10 @@ class LatentCache:
             if stored is not None:
                 found[vi] = (stored["mean"], stored["std"])
         need = [i for i in range(len(paths)) if any((v, i) not in found for v in variants)]
+        if batch_size is None:
+            width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+            batch_size = encode_batch_size(height, width)
+        total = sum((v, i) not in found for v in variants for i in need)
         count = 0
         with torch.no_grad():
             for start in range(0, len(need), batch_size):
@@ -217,6 +263,8 @@ class LatentCache:
                         vi = (mirrored, chunk[j])
                         found[vi] = (means[r].clone(), stds[r].clone())
                         disk.put(keys[vi], {"mean": found[vi][0], "std": found[vi][1]})
+                    if progress is not None:
+                        progress(count, total)
         means, stds = [], []
         for mirrored in variants:
             v_mean = torch.stack([found[(mirrored, i)][0] for i in range(len(paths))]).float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,22 +82,38 @@ def generate(
     side = native_size(components)
     width, height = settings.width or side, settings.height or side
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        # A list of generators makes diffusers draw each image's starting noise from its own seed.
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
-        out = pipe(
-            prompt=list(prompts[chunk]),
-            negative_prompt=[settings.negative_prompt] * len(generators),
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg_scale,
-            width=width,
-            height=height,
-            generator=generators,
-            output_type="pil",
-        )
-        images += out.images
+    with _mixed_precision(components):
+        for start in range(0, len(prompts), batch_size):
+            images += _generate_chunk(pipe, prompts, seeds, settings, slice(start, start + batch_size), width, height)
     return images
+
+
+def _mixed_precision(components: SDComponents):
+    """Autocast to the lowest float precision among the modules when they differ (a bf16 frozen base with fp32
+    adapters, or fp32 trained weights beside bf16 frozen encoders); a no-op for a model in one precision."""
+    dtypes = {p.dtype for m in components.modules().values() for p in m.parameters() if p.is_floating_point()}
+    if len(dtypes) < 2:
+        return contextlib.nullcontext()
+    low = min(dtypes, key=lambda d: torch.finfo(d).bits)
+    device = next(components.unet.parameters()).device
+    return torch.autocast(device.type, dtype=low)
+
+
+def _generate_chunk(pipe, prompts, seeds, settings: GenerationSettings, chunk: slice, width: int, height: int):
+    """One batch of images: prompts and seeds at ``chunk``."""
+    # A list of generators makes diffusers draw each image's starting noise from its own seed.
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
+    out = pipe(
+        prompt=list(prompts[chunk]),
+        negative_prompt=[settings.negative_prompt] * len(generators),
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.cfg_scale,
+        width=width,
+        height=height,
+        generator=generators,
+        output_type="pil",
+    )
+    return out.images
 
 
 def infotext(

@@ -31,7 +31,7 @@ from sdtune.core.errors import DataError
 from sdtune.data import CaptionOptions, process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import generate
-from sdtune.inference.previews import eval_mode, preview_settings, render_previews
+from sdtune.inference.previews import class_image_settings, eval_mode, preview_settings, render_previews
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
@@ -56,7 +56,7 @@ class DreamBoothJob:
         self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen until step 4 says what trains
-        self.base_path, self.model = frozen_base(cfg, accelerator)
+        self.base_path, self.model = frozen_base(cfg, accelerator, reduced=False)  # exports write it all
         self.scheduler = self.model.noise_scheduler()
 
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)
@@ -100,7 +100,7 @@ class DreamBoothJob:
         self.text_cache = text_cache(self.model, d) if fixed and not cfg.train_text_encoder else None
 
     def _render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        return generate(self.model, prompts, seeds, preview_settings(self.cfg.preview, self.resolution))
+        return generate(self.model, prompts, seeds, class_image_settings(self.cfg.preview, self.resolution))
 
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:

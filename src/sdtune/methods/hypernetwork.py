@@ -41,6 +41,7 @@ from sdtune.train.loop import sample_rng
 from sdtune.train.recipe import (
     ConsoleReport,
     captioning,
+    checkpoint_activations,
     frozen_base,
     held_out_loss,
     recipe_loss,
@@ -95,6 +96,8 @@ class HypernetworkJob:
         self.hypernetwork.reset_parameters(torch.Generator().manual_seed(cfg.train.seed))
         self.hypernetwork.to(accelerator.device).train()
         self.installed = install(unet, self.hypernetwork)
+        if cfg.train.gradient_checkpointing:  # the hypernetwork's gradient comes back through the UNet
+            checkpoint_activations({"unet": unet})
 
     # -- what the loop calls -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[dict]:

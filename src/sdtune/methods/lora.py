@@ -47,7 +47,13 @@ from sdtune.formats.lora_files import (
     to_peft_diffusers,
 )
 from sdtune.inference.generate import generate
-from sdtune.inference.previews import eval_mode, preview_prompts, preview_settings, render_previews
+from sdtune.inference.previews import (
+    class_image_settings,
+    eval_mode,
+    preview_prompts,
+    preview_settings,
+    render_previews,
+)
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
@@ -56,6 +62,8 @@ from sdtune.train.prior import PriorPreservation, class_folder
 from sdtune.train.recipe import (
     ConsoleReport,
     captioning,
+    checkpoint_activations,
+    fp32_masters,
     frozen_base,
     held_out_loss,
     recipe_loss,
@@ -137,9 +145,13 @@ class LoraJob:
             self.peft_configs[name] = config
             with torch.random.fork_rng():  # the adapters' random init follows train.seed, not the process's history
                 torch.manual_seed(cfg.train.seed + len(self.params))
-                self.params[name] = inject(module, config)
+                self.params[name] = fp32_masters(inject(module, config))  # over bf16/fp16 frozen weights
         for module in self.components.values():
             module.train()
+        if cfg.train.gradient_checkpointing:  # every network the loss backpropagates through
+            through_text = cfg.train_text_encoder or cfg.token is not None
+            encoders = dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
+            checkpoint_activations({"unet": self.model.unet} | (encoders if through_text else {}))
 
         # 5. the EMA of the adapter weights (what previews show and export writes)
         self.ema = None
@@ -167,7 +179,7 @@ class LoraJob:
     def _prior(self, accelerator: Accelerator) -> PriorPreservation:
         """LoRA-DreamBooth: class images (rendered by the base model when missing) paired with every sample."""
         cfg, db = self.cfg, self.cfg.dreambooth
-        settings = preview_settings(cfg.preview, self.resolution)
+        settings = class_image_settings(cfg.preview, self.resolution)
         return PriorPreservation.prepare(
             prompt=db.class_prompt,
             weight=db.prior_loss_weight,
@@ -180,7 +192,7 @@ class LoraJob:
             seed=cfg.train.seed,
             render=lambda prompts, seeds: generate(self.model, prompts, seeds, settings),
             accelerator=accelerator,
-            log=lambda message: self.console.print(message, highlight=False),
+            log=lambda message: self.console.print(message, highlight=False, markup=False),
             report=self.report.skipped,
         )
 

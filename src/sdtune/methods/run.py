@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -14,9 +14,12 @@ from rich.console import Console
 
 from sdtune.config import dump_yaml, load_train_config
 from sdtune.config.methods import RunBase
+from sdtune.core import quiet
 from sdtune.core.errors import ConfigError
 from sdtune.core.events import EventBus
 from sdtune.methods import setup_function
+from sdtune.train.config_changes import check_resume, describe
+from sdtune.train.disk_errors import WriteGuard
 from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
 from sdtune.train.loop import train
 from sdtune.train.rundir import RunDir
@@ -51,26 +54,47 @@ def run(
     console: Console | None = None,
     bus: EventBus | None = None,
     progress: bool = True,
+    allow_config_change: bool = False,
 ) -> list[Path]:
-    """Train ``cfg``; with ``resume`` continue the run folder's latest checkpoint. Returns the exported files."""
+    """Train ``cfg``; with ``resume`` continue the run folder's latest checkpoint. Returns the exported files.
+
+    The main process holds the run folder's lock (``.lock``) until it returns: a second run on the same folder is
+    refused with one line naming the process. Resuming with a config that differs from the checkpoint's names each
+    changed field; changes that break the exact resume need ``allow_config_change`` (see
+    :mod:`sdtune.train.config_changes`).
+    """
     console = console or Console()
     run = run_dir_of(cfg)
-    if run.latest_checkpoint() is not None and not resume:
-        raise ConfigError(f"name: {run.root} already holds a run; resume it (--resume) or choose another name")
     # Launched as several processes (torchrun / accelerate launch) without CUDA: accelerate forms the gloo
     # process group only in its CPU mode; a single process keeps accelerate's own device choice.
     cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision), cpu=cpu_group)
-    bus = bus or EventBus()
-    if accelerator.is_main_process:
-        run.create(dump_yaml(cfg))
-        if progress:
-            bus.subscribe(ConsoleProgress(console))
-        bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
-    accelerator.wait_for_everyone()
-    job = setup_function(cfg.method)(cfg, accelerator, console)
-    with _graceful_stop(run, console):
-        return train(job, cfg, run, bus, accelerator)
+    with ExitStack() as held:
+        if accelerator.is_main_process:  # one writer per run folder; the other processes of this run write nothing
+            run.check_writable()
+            held.enter_context(run.lock())
+        if run.latest_checkpoint() is not None and not resume:
+            raise ConfigError(f"name: {run.root} already holds a run; resume it (--resume) or choose another name")
+        changes = check_resume(run, cfg, allow_config_change) if resume else []
+        accelerator.wait_for_everyone()  # every process has read the stored config before it is replaced
+        bus = bus or EventBus()
+        if accelerator.is_main_process:
+            with WriteGuard(run).writing("the run folder"):  # a full disk here is one line too
+                for action in run.recover():  # what a killed process left mid-write
+                    run.log(action)
+                if changes:
+                    line = describe(changes, cfg, allow_config_change)
+                    console.print(line, markup=False, highlight=False)
+                    run.log(line)
+                run.create(dump_yaml(cfg))
+                if progress:
+                    bus.subscribe(ConsoleProgress(console))
+                bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
+            held.enter_context(quiet.run_log(run.events_path))  # third-party notices: events.log, not the console
+        accelerator.wait_for_everyone()
+        job = setup_function(cfg.method)(cfg, accelerator, console)
+        with _graceful_stop(run, console):
+            return train(job, cfg, run, bus, accelerator)
 
 
 @contextmanager

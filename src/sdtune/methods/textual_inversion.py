@@ -38,6 +38,7 @@ from sdtune.train.loop import sample_rng
 from sdtune.train.recipe import (
     ConsoleReport,
     captioning,
+    checkpoint_activations,
     frozen_base,
     held_out_loss,
     recipe_loss,
@@ -74,6 +75,7 @@ class TextualInversionJob:
                 f"note: {len(self.data)} images, fewer than data.batch_size {cfg.data.batch_size}: "
                 "images repeat within a batch",
                 highlight=False,
+                markup=False,
             )
 
         # 3. the new token(s): one trainable table per text encoder (A1111's init), everything else stays frozen
@@ -89,6 +91,9 @@ class TextualInversionJob:
             with torch.no_grad():
                 for table, vectors in zip(self.tables, self._vectors_from_file(), strict=True):
                     table.extra.copy_(vectors)
+        if cfg.train.gradient_checkpointing:  # the loss backpropagates through the UNet and the text encoders
+            encoders = dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
+            checkpoint_activations({"unet": self.model.unet} | encoders)
 
     def _vectors_from_file(self) -> list[torch.Tensor]:
         """Per text encoder, the vectors of ``init_embedding`` (its step count becomes the run's start)."""

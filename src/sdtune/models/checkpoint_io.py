@@ -94,6 +94,71 @@ def read_checkpoint(path: str | Path, *, device: str = "cpu") -> tuple[dict[str,
     raise ModelError(f"{path}: unknown checkpoint type '{suffix}'; expected .safetensors, .ckpt, .pt or .bin")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class LazyTensors(Mapping):
+    """The tensors of a (checked) safetensors file, each read from disk when asked for (``shape(key)`` from the
+    header without reading), so a loader can convert one component at a time instead of holding the whole file.
+
+    Tensors are read with plain file reads into memory they own, not through a memory map: a mapped file's pages
+    count in the process's resident memory as they are touched, which would make the peak while loading the
+    file's size plus its converted copy."""
+
+    def __init__(self, path: Path, header: dict, header_length: int) -> None:
+        self.path, self._base = path, 8 + header_length
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ModelError(f"{self.path}: tensor {key} has an unknown dtype {entry['dtype']}")
+        start, end = (int(x) for x in entry["data_offsets"])
+        data = bytearray(end - start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._base + start)
+            if fh.readinto(data) != end - start:
+                raise ModelError(f"{self.path}: truncated tensor {key}; re-download the file")
+        if not data:
+            return torch.empty(self.shape(key), dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shape(key))
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def open_checkpoint(path: str | Path) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a single-file checkpoint: a :class:`LazyTensors` for safetensors (read per
+    tensor on access), a dict for pickles (which can only be read whole, weights-only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        header, length = safetensors_header(path)
+        return LazyTensors(path, header, length), dict(header.get("__metadata__") or {})
+    return read_checkpoint(path)
+
+
 def _read_pickle(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     obj = load_torch_file(path, ModelError, "checkpoint")
     if not isinstance(obj, Mapping):

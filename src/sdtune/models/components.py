@@ -7,6 +7,7 @@ folder saved from these parts is a diffusers pipeline folder.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,15 @@ from sdtune.models.family import ModelFamily
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
+COMPONENT_NAMES = ("unet", "vae", *TEXT_ENCODER_NAMES)
+
+ComponentDtypes = torch.dtype | None | Mapping[str, torch.dtype | None]
+"""A loader's precision: one dtype for every component, or one per component name (``None``: as stored)."""
+
+
+def component_dtype(dtype: ComponentDtypes, name: str) -> torch.dtype | None:
+    """The dtype component ``name`` loads in."""
+    return dtype.get(name) if isinstance(dtype, Mapping) else dtype
 
 
 @dataclass

@@ -18,7 +18,13 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.core.atomic import atomic_dir
 from sdtune.core.errors import ModelError
-from sdtune.models.components import TEXT_ENCODER_NAMES, TOKENIZER_NAMES, SDComponents
+from sdtune.models.components import (
+    TEXT_ENCODER_NAMES,
+    TOKENIZER_NAMES,
+    ComponentDtypes,
+    SDComponents,
+    component_dtype,
+)
 from sdtune.models.family import ModelFamily, detect_diffusers_folder
 from sdtune.models.ldm_keys import canonical_clip_key
 from sdtune.models.shipped import config_dir
@@ -28,21 +34,26 @@ _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusio
 
 
 def load_diffusers_folder(
-    path: str | Path, *, family: ModelFamily | None = None, dtype: torch.dtype | None = torch.float32
+    path: str | Path, *, family: ModelFamily | None = None, dtype: ComponentDtypes = torch.float32
 ) -> SDComponents:
-    """Load a diffusers pipeline folder offline."""
+    """Load a diffusers pipeline folder offline (``dtype``: one for all, or one per component name)."""
     path = Path(path)
     detection = detect_diffusers_folder(path)
     family = family or detection.family
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", local_files_only=True, torch_dtype=component_dtype(dtype, "unet")
+        )
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", local_files_only=True, torch_dtype=component_dtype(dtype, "vae")
+        )
         text_encoders = []
         for name in TEXT_ENCODER_NAMES[: family.num_text_encoders]:
             config = json.loads((path / name / "config.json").read_text(encoding="utf-8"))
             with_projection = "CLIPTextModelWithProjection" in config.get("architectures", [])
             cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            text_encoders.append(cls.from_pretrained(path / name, local_files_only=True).to(dtype=dtype))
+            encoder = cls.from_pretrained(path / name, local_files_only=True)
+            text_encoders.append(encoder.to(dtype=component_dtype(dtype, name)))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load diffusers folder ({str(exc).splitlines()[0][:200]})") from None
     tokenizers = [load_tokenizer(path / name) for name in TOKENIZER_NAMES[: family.num_text_encoders]]

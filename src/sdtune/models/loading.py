@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from sdtune.core.errors import ModelError
-from sdtune.models.components import SDComponents
+from sdtune.models.components import ComponentDtypes, SDComponents
 from sdtune.models.family import Detection, ModelFamily, Prediction, detect_diffusers_folder
 from sdtune.models.folder import load_diffusers_folder, save_diffusers_folder
 from sdtune.models.single_file import detect_single_file, load_single_file, save_single_file
@@ -43,9 +43,10 @@ def load_model(
     path: str | Path,
     *,
     prediction_type: Prediction | Literal["auto"] = "auto",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: ComponentDtypes = torch.float32,
 ) -> SDComponents:
-    """Load a model offline; ``prediction_type`` overrides what detection found."""
+    """Load a model offline; ``prediction_type`` overrides what detection found; ``dtype`` is one precision for
+    every component or one per component name (``{"unet": torch.bfloat16, ...}``; ``None`` = as stored)."""
     path = resolve_path(path)
     family = detect(path).family
     if prediction_type != "auto":

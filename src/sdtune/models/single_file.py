@@ -9,7 +9,7 @@ Saving: the same rules in reverse, cast to the chosen dtype, with family and ``m
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,12 +17,20 @@ import torch
 from sdtune.core.errors import ModelError
 from sdtune.models.checkpoint_io import (
     SAFETENSORS_SUFFIXES,
+    LazyTensors,
+    open_checkpoint,
     read_checkpoint,
     read_metadata,
     read_shapes,
     write_state_dict,
 )
-from sdtune.models.components import TEXT_ENCODER_NAMES, SDComponents, build_modules
+from sdtune.models.components import (
+    TEXT_ENCODER_NAMES,
+    ComponentDtypes,
+    SDComponents,
+    build_modules,
+    component_dtype,
+)
 from sdtune.models.family import UNET_PREFIX, VAE_PREFIX, Detection, ModelFamily, detect_state_dict
 from sdtune.models.ldm_keys import (
     KeyRule,
@@ -49,33 +57,35 @@ def original_layout_rules(family: ModelFamily, modules: dict[str, torch.nn.Modul
 
 
 def load_single_file(
-    path: str | Path, *, family: ModelFamily | None = None, dtype: torch.dtype | None = torch.float32
+    path: str | Path, *, family: ModelFamily | None = None, dtype: ComponentDtypes = torch.float32
 ) -> SDComponents:
-    """Load a single-file checkpoint into diffusers/transformers modules (CPU, ``dtype``)."""
+    """Load a single-file checkpoint into diffusers/transformers modules (CPU, ``dtype``: one for all, or one per
+    component name, ``None`` = as stored).
+
+    One component at a time: a safetensors file's tensors are read, converted to the component's dtype and loaded,
+    then dropped, so the whole file never sits in memory beside its converted copy (a pickle is read whole)."""
     path = Path(path)
-    tensors, metadata = read_checkpoint(path)
-    detection = detect_state_dict(
-        tensors.keys(), lambda k: tuple(tensors[k].shape), metadata, source=str(path), layout=_layout(path)
-    )
+    tensors, metadata = open_checkpoint(path)
+    shape = tensors.shape if isinstance(tensors, LazyTensors) else lambda k: tuple(tensors[k].shape)
+    detection = detect_state_dict(tensors.keys(), shape, metadata, source=str(path), layout=_layout(path))
     family = family or detection.family
     configs = json.loads(metadata["sdtune.configs"]) if "sdtune.configs" in metadata else shipped_configs(family)
     configs["scheduler"] = dict(configs["scheduler"], prediction_type=family.prediction_type)
     tensors = _upgrade_legacy_keys(tensors, family)
     modules = build_modules(configs, empty=True)
     rules = original_layout_rules(family, modules)
-    try:
-        per_component = to_diffusers(tensors, rules)
-    except KeyError as exc:
-        raise ModelError(f"{path}: does not match the {family.name} architecture ({exc.args[0]})") from None
     for name, module in modules.items():
-        state = per_component[name]
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        source = _View(tensors, dtype=component_dtype(dtype, name))  # each tensor converted as it is read
+        try:
+            state = to_diffusers(source, [r for r in rules if r.component == name]).get(name, {})
+        except KeyError as exc:
+            raise ModelError(f"{path}: does not match the {family.name} architecture ({exc.args[0]})") from None
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             first = str(exc).split("\n\t")[1][:200] if "\n\t" in str(exc) else str(exc)[:200]
             raise ModelError(f"{path}: {name} does not match the {family.name} architecture ({first})") from None
+        del state
     used = {r.original for r in rules}
     extras = [k for k in tensors if k not in used]
     notes = list(detection.notes)
@@ -150,14 +160,35 @@ def _layout(path: Path) -> str:
     return "safetensors" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "ckpt"
 
 
-def _upgrade_legacy_keys(tensors: dict[str, torch.Tensor], family: ModelFamily) -> dict[str, torch.Tensor]:
+def _upgrade_legacy_keys(tensors: Mapping[str, torch.Tensor], family: ModelFamily) -> Mapping[str, torch.Tensor]:
     """Early SD 1.x checkpoints stored CLIP without the ``text_model.`` level (transformers < 4.19)."""
     prefix = family.text_encoder_prefixes[0]
     if family.arch != "sd1" or f"{prefix}text_model.embeddings.token_embedding.weight" in tensors:
         return tensors
-    out = {}
-    for key, value in tensors.items():
+    names = {}
+    for key in tensors:
+        new = key
         if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
-            key = prefix + "text_model." + key[len(prefix) :]
-        out[key] = value
-    return out
+            new = prefix + "text_model." + key[len(prefix) :]
+        names[new] = key
+    return _View(tensors, names)
+
+
+class _View(Mapping):
+    """``tensors`` read on access, under new names (``names``: new -> old) and cast to ``dtype`` when given, so
+    that a tensor's stored copy is dropped as soon as it is converted."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], names: dict[str, str] | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        self.tensors, self.names, self.dtype = tensors, names, dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self.tensors[self.names[key] if self.names is not None else key]
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+
+    def __iter__(self):
+        return iter(self.names if self.names is not None else self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.names if self.names is not None else self.tensors)

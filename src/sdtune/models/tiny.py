@@ -117,3 +117,21 @@ def build_tiny(family: ModelFamily | str = "sd1", seed: int = 0) -> SDComponents
         scheduler_config=configs["scheduler"],
         source=f"tiny:{family.name}",
     )
+
+
+def build_real_size(family: ModelFamily | str = "sd1", seed: int = 0) -> SDComponents:
+    """A model of ``family`` at its real width (the shipped configs: SD 1.5's 860M-parameter UNet, SDXL's 2.6B)
+    with random weights, for memory and speed measurements of the real layout without downloading weights."""
+    family = ModelFamily.parse(family) if isinstance(family, str) else family
+    configs = shipped_configs(family)
+    torch.manual_seed(seed)
+    modules = build_modules(configs)
+    return SDComponents(
+        family=family,
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoders=[modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules],
+        tokenizers=shipped_tokenizers(family),
+        scheduler_config=configs["scheduler"],
+        source=f"random:{family.name}",
+    )

@@ -13,6 +13,7 @@ import torch
 
 from sdtune.models.components import TEXT_ENCODER_NAMES, SDComponents
 from sdtune.models.loading import save_model
+from sdtune.train.recipe import checkpoint_activations
 
 
 def trained_modules(model: SDComponents, *, unet: bool, text_encoders: bool) -> dict[str, torch.nn.Module]:
@@ -26,14 +27,10 @@ def trained_modules(model: SDComponents, *, unet: bool, text_encoders: bool) -> 
 def unfreeze(modules: dict[str, torch.nn.Module], gradient_checkpointing: bool = False) -> None:
     """Make every parameter of ``modules`` trainable (training mode); gradient checkpointing recomputes
     activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
-    for name, module in modules.items():
+    for module in modules.values():
         module.requires_grad_(True).train()
-        if gradient_checkpointing and name == "unet":
-            module.enable_gradient_checkpointing()
-        elif gradient_checkpointing and hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif gradient_checkpointing:  # transformers 4
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        checkpoint_activations(modules)
 
 
 def named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:

@@ -12,6 +12,7 @@ x batch B see the same samples with the same noise as 1 process x batch 2B.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from sdtune.config import dump_yaml
 from sdtune.config.methods import RunBase
 from sdtune.core.errors import TrainingError
 from sdtune.core.events import (
@@ -37,6 +39,7 @@ from sdtune.core.events import (
     ValidationLoss,
 )
 from sdtune.data.dataset import ImageCaptionSet
+from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
 from sdtune.train.optim import LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.rundir import RunDir
@@ -168,7 +171,32 @@ def _stop_requested(run: RunDir, accelerator: Accelerator) -> bool:
 
 
 def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator) -> list[Path]:
-    """Train ``job`` to ``cfg.train.max_steps`` (resuming from the run's latest checkpoint); return output paths."""
+    """Train ``job`` to ``cfg.train.max_steps`` (resuming from the run's latest checkpoint); return output paths.
+
+    A full disk or a refused write is one :class:`TrainingError` line (what, the space needed, the last good
+    checkpoint, how to resume); the checkpoint being written is dropped whole, the previous one stays intact.
+    """
+    writes = WriteGuard(run)
+    try:
+        return _train(job, cfg, run, bus, accelerator, writes)
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc, TrainingError) else exc
+        if cause is None or disk_problem(cause) is None:
+            raise
+        error = exc if isinstance(exc, TrainingError) else writes.error(exc, "the run folder", failed_path(exc, run))
+        latest = run.latest_checkpoint()
+        with contextlib.suppress(Exception):  # the disk is full: the log line and listeners may fail too
+            run.log(str(error))
+        with contextlib.suppress(Exception):
+            bus.emit(RunFailed(writes.step, str(error), str(latest.path) if latest else None))
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _train(
+    job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator, writes: WriteGuard
+) -> list[Path]:
     t, main = cfg.train, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     batch, accum = cfg.data.batch_size, t.grad_accum
@@ -213,29 +241,38 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         if not main:
             return None
         rng = {"torch": torch.get_rng_state()}
-        path = run.save_checkpoint(
-            step,
-            job.state_dict(),
-            optimizer.state_dict(),
-            {"step": step, "epoch": epoch(step)},
-            rng,
-            export=lambda d: job.export(d, step),
-            keep_last=cfg.save.keep_last,
-        )
+        trainable, opt_state = job.state_dict(), optimizer.state_dict()
+        need = 2 * tensor_bytes(trainable) + tensor_bytes(opt_state) + tensor_bytes(rng)  # weights + export
+        with writes.writing(f"checkpoint step-{step}", run.checkpoints / f"step-{step}", need):
+            path = run.save_checkpoint(
+                step,
+                trainable,
+                opt_state,
+                {"step": step, "epoch": epoch(step)},
+                rng,
+                export=lambda d: job.export(d, step),
+                keep_last=cfg.save.keep_last,
+                config=dump_yaml(cfg),
+            )
         plot_loss(run)
         run.log(f"checkpoint {path}")
         bus.emit(CheckpointSaved(step, str(path)))
         return path
 
-    previewed_step = -1
+    previewed_step, preview_seconds = -1, 0.0  # previews are timed apart from training
 
     def preview(step: int) -> None:
-        nonlocal previewed_step
-        if previewed_step == step:
+        nonlocal previewed_step, preview_seconds
+        if not cfg.preview.enabled or previewed_step == step:
             return
         previewed_step = step
         if main:
-            paths, grid = job.preview(run.samples / f"step-{step}", step)
+            tic = time.perf_counter()
+            with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"):
+                paths, grid = job.preview(run.samples / f"step-{step}", step)
+            seconds = time.perf_counter() - tic
+            preview_seconds += seconds
+            run.log(f"previews of step {step}: {len(paths)} images in {seconds:.1f} s")
             bus.emit(SampleSaved(step, tuple(map(str, paths)), str(grid) if grid else None))
 
     def epoch(step: int) -> int:
@@ -244,6 +281,7 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     if main:
         run.log(f"training {cfg.method} from step {start} to {t.max_steps}, effective batch {per_step}")
     bus.emit(RunStarted(str(run.root), cfg.method, start, t.max_steps))
+    run_started = time.perf_counter()
     if start == 0 and cfg.preview.before_training:
         preview(0)
 
@@ -252,6 +290,7 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     step, reason = start, "max steps reached"
     job.after_step(step)  # let the job set step-dependent state (also when resuming)
     while step < t.max_steps:
+        writes.step = step
         rate = lr.set(step)
         if lr.finished:  # an A1111 schedule string that ends before max_steps ends training
             reason = "learning-rate schedule ended"
@@ -323,12 +362,16 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         save_checkpoint(step)
     outputs: list[Path] = []
     if main:
-        outputs = job.export(run.output, step)
+        with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
+            outputs = job.export(run.output, step)
         run.log(f"finished at step {step} ({reason}); outputs: {', '.join(map(str, outputs))}")
     preview(step)
+    train_seconds = time.perf_counter() - run_started - preview_seconds
+    if main:
+        run.log(f"time: training {train_seconds:.1f} s, previews {preview_seconds:.1f} s")
     if main and reason == "stopped on request":
         run.clear_stop()  # honoured: resuming starts clean
-    bus.emit(RunFinished(step, tuple(map(str, outputs)), reason))
+    bus.emit(RunFinished(step, tuple(map(str, outputs)), reason, train_seconds, preview_seconds))
     return outputs
 
 

@@ -4,7 +4,8 @@ validation loss at fixed noise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -12,6 +13,7 @@ from typing import NamedTuple
 import torch
 from accelerate import Accelerator
 from rich.console import Console
+from rich.markup import escape
 
 from sdtune.config.blocks import DataConfig
 from sdtune.config.methods import RunBase
@@ -19,7 +21,7 @@ from sdtune.data import CaptionOptions, Templates, load_templates
 from sdtune.data.dataset import ImageCaptionSet, has_validation
 from sdtune.data.disk_cache import text_store
 from sdtune.data.images import Skipped
-from sdtune.models.components import SDComponents, native_size
+from sdtune.models.components import COMPONENT_NAMES, SDComponents, native_size
 from sdtune.models.loading import load_model, resolve_path
 from sdtune.models.text_encoding import TextCache
 from sdtune.train.diffusion import denoising_loss, fixed_validation_loss
@@ -30,21 +32,76 @@ class ConsoleReport:
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self._last_progress = 0.0
+        self._sizes_seen: set[str] = set()
 
     def skipped(self, item: Skipped) -> None:
-        self.console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}", highlight=False)
+        self.console.print(f"[yellow]skipped[/yellow] {escape(f'{item.path}: {item.reason}')}", highlight=False)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, markup=False)  # file names and captions printed literally
+
+    def encoding(self, size: str, done: int, total: int) -> None:
+        """Latent-cache progress: the first chunk, then at most every 5 s, and the last."""
+        now, first = time.monotonic(), size not in self._sizes_seen
+        self._sizes_seen.add(size)
+        if first or done >= total or now - self._last_progress >= 5:
+            self._last_progress = now
+            self.console.print(f"caching latents {size}: {done}/{total} images", highlight=False, markup=False)
 
 
-def frozen_base(cfg: RunBase, accelerator: Accelerator) -> tuple[Path, SDComponents]:
-    """``cfg.model.base`` resolved and loaded onto the accelerator's device, every module frozen in eval mode."""
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def storage_dtypes(cfg: RunBase, precision: str, reduced: bool = True) -> dict[str, torch.dtype]:
+    """The dtype each frozen component is stored in: the compute precision of the run (``precision``:
+    accelerate's ``no`` / ``bf16`` / ``fp16``), so a bf16 run holds half the bytes of an fp32 one; the VAE per
+    ``model.vae_precision``. ``reduced=False`` keeps every component in fp32 (full-weight methods, whose exports
+    write the frozen components back and must not round them)."""
+    compute = STORAGE_DTYPES.get(precision, torch.float32) if reduced else torch.float32
+    out = {name: compute for name in COMPONENT_NAMES}
+    vae = cfg.model.vae_precision
+    if vae == "auto":
+        out["vae"] = torch.float32 if compute == torch.float16 else compute
+    else:
+        out["vae"] = {"fp32": torch.float32, **STORAGE_DTYPES}[vae]
+    return out
+
+
+def frozen_base(cfg: RunBase, accelerator: Accelerator, reduced: bool = True) -> tuple[Path, SDComponents]:
+    """``cfg.model.base`` resolved and loaded onto the accelerator's device, every module frozen in eval mode,
+    in :func:`storage_dtypes` (read and converted one component at a time)."""
     base_path = resolve_path(cfg.model.base)
-    model = load_model(base_path, prediction_type=cfg.model.prediction_type).to(accelerator.device)
+    dtypes = storage_dtypes(cfg, accelerator.mixed_precision, reduced)
+    model = load_model(base_path, prediction_type=cfg.model.prediction_type, dtype=dtypes).to(accelerator.device)
     for module in model.modules().values():
         module.requires_grad_(False).eval()
     return base_path, model
+
+
+def fp32_masters(params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Trainable parameters kept in fp32 whatever the frozen weights' precision (optimizer updates smaller than a
+    bf16 step would round to nothing); the forward pass runs in the compute precision under autocast."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return list(params)
+
+
+def checkpoint_activations(modules: Mapping[str, torch.nn.Module]) -> None:
+    """Gradient checkpointing in the networks a loss backpropagates through (``unet``, ``text_encoder``,
+    ``text_encoder_2``; trained or frozen): their activations are recomputed in the backward pass instead of kept
+    (less memory, about a third more compute). transformers checkpoints only modules in training mode, so text
+    encoders are put in training mode (SD's CLIP encoders have no dropout, so their outputs do not change)."""
+    for name, module in modules.items():
+        if name == "unet":
+            module.enable_gradient_checkpointing()
+            continue
+        module.train()
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers 4
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def training_images(
@@ -54,7 +111,9 @@ def training_images(
     held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``. Left-out files go to
     ``report.skipped``; with ``data.buckets`` the bucket histogram goes to ``report.log``."""
     resolution = cfg.data.resolution or native_size(model)
-    data = ImageCaptionSet.load(cfg.data, model.vae, resolution, cfg.train.seed, report.skipped)
+    data = ImageCaptionSet.load(
+        cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, progress=report.encoding
+    )
     if cfg.data.buckets:
         sizes = data.bucket_histogram()
         lines = [f"  {w}x{h}  aspect {w / h:.2f}  {n} images" for (w, h), n in sizes.items()]

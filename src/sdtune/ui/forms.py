@@ -174,6 +174,8 @@ def _to_form(kind: Kind, value: Any, optional: bool) -> Any:
     if kind == "rate":
         return value if isinstance(value, str) else _number_text(value)
     if kind == "yaml":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)  # a scalar such as `auto` or 8 (`int | "auto"` fields) as typed, without YAML's `...`
         return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
     return value
 

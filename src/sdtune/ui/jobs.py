@@ -6,6 +6,10 @@ closing or restarting the UI leaves it running, and a new :class:`JobManager` fi
 runs folders. Everything else about a run is read from its run folder (the contract in
 :mod:`sdtune.train.rundir`), exactly as for a run started on the command line.
 
+A run folder whose ``.lock`` another process holds (a ``sdtune train`` started in a terminal, or a job of another
+UI) is not started or resumed: the refusal is the same line ``sdtune train`` prints, naming that process, and the
+run shows as running with its pid.
+
 Stop is the graceful one: :meth:`RunDir.request_stop` writes ``STOP`` (the loop finishes its step, writes a
 checkpoint and the outputs) and SIGTERM does the same through ``sdtune train``'s signal handler.
 """
@@ -16,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +32,7 @@ from sdtune.config import dump_yaml, load_train_config
 from sdtune.config.methods import RunBase
 from sdtune.core.atomic import write_text
 from sdtune.core.errors import SdtuneError
-from sdtune.train.rundir import RunDir
+from sdtune.train.rundir import RunDir, lock_holder
 
 PID_FILE = "ui.pid"
 LOG_FILE = "ui.log"
@@ -129,9 +134,9 @@ class JobManager:
         if child is not None and child.poll() is not None:  # reap our own finished child (no zombie)
             del self._children[root]
         info = read_pid_file(root)
-        if info is None:
-            return None
-        return info["pid"] if process_matches(info["pid"], list(info.get("argv", []))) else None
+        if info is not None and process_matches(info["pid"], list(info.get("argv", []))):
+            return info["pid"]
+        return _lock_holder_pid(RunDir(root))  # a run started outside this UI (`sdtune train` in a terminal)
 
     # -- starting --------------------------------------------------------------------------------------
     def start(self, cfg: RunBase) -> Path:
@@ -141,6 +146,8 @@ class JobManager:
         reproduced with ``sdtune train <run>/config.yaml`` (under another name or output_dir).
         """
         root = (Path(cfg.output_dir) / cfg.name).resolve()
+        if (busy := RunDir(root).busy_message()) is not None:  # also a `sdtune train` started in a terminal
+            raise JobError(busy)
         if self.alive_pid(root) is not None:
             raise JobError(f"name: a job is already training in {root}; stop it or choose another name")
         if RunDir(root).latest_checkpoint() is not None:
@@ -157,6 +164,8 @@ class JobManager:
         run = RunDir(root)
         if not run.config_path.is_file():
             raise JobError(f"{root}: not a run folder (no config.yaml); start a run from the Train page")
+        if (busy := run.busy_message()) is not None:
+            raise JobError(busy)
         if self.alive_pid(root) is not None:
             raise JobError(f"{root.name}: still running; stop it first")
         cfg = load_train_config(run.config_path)
@@ -267,6 +276,14 @@ class JobManager:
         if rows and rows[-1].get("images_per_second"):
             return float(rows[-1]["images_per_second"]) / max(per_step, 1)
         return None
+
+
+def _lock_holder_pid(run: RunDir) -> int | None:
+    """The pid of the process holding the run's lock, if it runs on this machine (a pid elsewhere is not ours)."""
+    if run.busy_message() is None:
+        return None
+    holder = lock_holder(run)
+    return holder["pid"] if holder is not None and holder.get("host") == socket.gethostname() else None
 
 
 def _mtime(path: Path) -> float:

@@ -21,6 +21,7 @@ from sdtune.config import load_train_config
 from sdtune.config.methods import RunBase
 from sdtune.core.errors import SdtuneError
 from sdtune.inference.infotext import parse_infotext
+from sdtune.train.listeners import format_speed
 from sdtune.train.plots import smooth
 from sdtune.train.rundir import RunDir
 from sdtune.ui.jobs import LOG_FILE, RunStatus
@@ -39,7 +40,7 @@ def status_markdown(status: RunStatus) -> str:
     """One paragraph: state, step / max, it/s, ETA, checkpoints, and the reason or error."""
     parts = [f"**{status.name}** ({status.method}): **{status.state}**", f"step {status.step} / {status.max_steps}"]
     if status.steps_per_second:
-        parts.append(f"{status.steps_per_second:.2f} it/s")
+        parts.append(format_speed(status.steps_per_second))  # 3 significant digits; s/step below 1 it/s
     if status.eta_seconds is not None:
         parts.append(f"ETA {_format_seconds(status.eta_seconds)}")
     if status.pid is not None:
@@ -100,10 +101,16 @@ def preview_gallery(run_root: Path) -> list[tuple[str, str]]:
     return [(str(folder / "grid.png"), f"step {step}") for step, folder in reversed(sample_steps(run_root))]
 
 
+_DEBUG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d debug ", re.MULTILINE)
+
+
 def log_text(run_root: Path, limit: int = 12_000) -> str:
-    """The run's event log, then the tail of the job's console output (errors show there)."""
+    """The run's event log without its ``debug`` lines (third-party notices, kept in events.log for whoever
+    debugs), then the tail of the job's console output (errors show there)."""
     run = RunDir(run_root)
-    events = _tail(run.events_path, limit)
+    events = "".join(
+        line for line in _tail(run.events_path, 4 * limit).splitlines(keepends=True) if not _DEBUG_LINE.match(line)
+    )[-limit:]
     console = _tail(run_root / LOG_FILE, limit // 2)
     text = events or "(no events yet)"
     if console.strip():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 
 from sdtune.config import load_train_config
 from sdtune.core.events import EventBus
@@ -14,18 +13,6 @@ from sdtune.methods import setup_function as method_setup  # (pytest reserves th
 from sdtune.train.loop import train
 from sdtune.train.recipe import storage_dtypes
 from sdtune.train.rundir import RunDir
-
-
-@pytest.fixture
-def bf16_accelerator():
-    """An ``Accelerator`` in bf16: accelerate keeps one process-wide state, so it is reset around the test (other
-    tests made theirs in full precision)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield Accelerator(cpu=True, mixed_precision="bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)
-
 
 CASES = {
     "lora": {"method": "lora", "rank": 4, "optimizer": {"lr": 1e-2}},

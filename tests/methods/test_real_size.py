@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 
 from image_folders import write_image_folder
 from sdtune.config import load_train_config
@@ -14,17 +13,6 @@ from sdtune.core.events import EventBus
 from sdtune.methods import setup_function as method_setup  # (pytest reserves the name setup_function)
 from sdtune.train.loop import train
 from sdtune.train.rundir import RunDir
-
-
-@pytest.fixture
-def bf16_accelerator():
-    """An ``Accelerator`` in bf16: accelerate keeps one process-wide state, so it is reset around the test (other
-    tests made theirs in full precision)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield Accelerator(cpu=True, mixed_precision="bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

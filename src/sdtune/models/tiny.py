@@ -105,25 +105,17 @@ def tiny_configs(family: ModelFamily | str = "sd1") -> dict[str, dict[str, Any]]
 def build_tiny(family: ModelFamily | str = "sd1", seed: int = 0) -> SDComponents:
     """A tiny randomly initialised model of ``family`` (deterministic for a given seed)."""
     family = ModelFamily.parse(family) if isinstance(family, str) else family
-    configs = tiny_configs(family)
-    torch.manual_seed(seed)
-    modules = build_modules(configs)
-    return SDComponents(
-        family=family,
-        unet=modules["unet"],
-        vae=modules["vae"],
-        text_encoders=[modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules],
-        tokenizers=shipped_tokenizers(family),
-        scheduler_config=configs["scheduler"],
-        source=f"tiny:{family.name}",
-    )
+    return _random_model(family, tiny_configs(family), seed, f"tiny:{family.name}")
 
 
 def build_real_size(family: ModelFamily | str = "sd1", seed: int = 0) -> SDComponents:
     """A model of ``family`` at its real width (the shipped configs: SD 1.5's 860M-parameter UNet, SDXL's 2.6B)
     with random weights, for memory and speed measurements of the real layout without downloading weights."""
     family = ModelFamily.parse(family) if isinstance(family, str) else family
-    configs = shipped_configs(family)
+    return _random_model(family, shipped_configs(family), seed, f"random:{family.name}")
+
+
+def _random_model(family: ModelFamily, configs: dict[str, dict[str, Any]], seed: int, source: str) -> SDComponents:
     torch.manual_seed(seed)
     modules = build_modules(configs)
     return SDComponents(
@@ -133,5 +125,5 @@ def build_real_size(family: ModelFamily | str = "sd1", seed: int = 0) -> SDCompo
         text_encoders=[modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules],
         tokenizers=shipped_tokenizers(family),
         scheduler_config=configs["scheduler"],
-        source=f"random:{family.name}",
+        source=source,
     )

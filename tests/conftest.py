@@ -42,3 +42,18 @@ def tiny_tagger(tmp_path_factory):
     from captioner_models import write_tiny_tagger
 
     return write_tiny_tagger(tmp_path_factory.mktemp("tagger"))
+
+
+@pytest.fixture
+def accelerator_in():
+    """``accelerator_in("fp16")``: a CPU ``Accelerator`` in that precision. accelerate keeps one process-wide
+    state, so it is reset before each one made and after the test (other tests make theirs in full precision)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def make(precision: str = "no") -> Accelerator:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(cpu=True, mixed_precision=precision)
+
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)

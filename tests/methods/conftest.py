@@ -71,12 +71,6 @@ def unet_output():
 
 
 @pytest.fixture
-def bf16_accelerator():
-    """An ``Accelerator`` in bf16: accelerate keeps one process-wide state, so it is reset around the test (other
-    tests made theirs in full precision)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield Accelerator(cpu=True, mixed_precision="bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)
+def bf16_accelerator(accelerator_in):
+    """An ``Accelerator`` in bf16 (see ``accelerator_in``)."""
+    return accelerator_in("bf16")

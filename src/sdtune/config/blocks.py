@@ -156,7 +156,9 @@ class TrainConfig(StrictModel):
     clip_value: float = Field(1.0, gt=0, examples=[1.0])
     """Max gradient norm (mode `norm`) or absolute value (mode `value`)."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """Autocast precision. `auto` = bf16 on GPUs that support it, else full precision."""
+    """Compute precision; frozen weights are stored in it, trained ones stay fp32. `auto` = bf16 where the device
+    computes it (Ampere+ GPUs; CPUs with AVX512-BF16/AMX), else full precision (`no`). `fp16` needs a GPU and uses
+    dynamic loss scaling (an overflowing step is skipped and logged)."""
     seed: int = Field(0, examples=[0])
     """Seed for data order, noise and timesteps: the same seed gives the same run."""
     min_snr_gamma: float | None = Field(None, gt=0, examples=[5.0])

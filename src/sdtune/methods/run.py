@@ -22,6 +22,7 @@ from sdtune.train.config_changes import check_resume, describe
 from sdtune.train.disk_errors import WriteGuard
 from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
 from sdtune.train.loop import train
+from sdtune.train.precision import precision_note, resolve_precision
 from sdtune.train.rundir import RunDir
 
 
@@ -39,12 +40,6 @@ def resolve(
             raise ConfigError(f"{path}: not a run folder (no config.yaml); give a config YAML or a run folder")
         return load_train_config(path / "config.yaml", overrides), True
     return load_train_config(path, overrides), resume
-
-
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def run(
@@ -68,7 +63,11 @@ def run(
     # Launched as several processes (torchrun / accelerate launch) without CUDA: accelerate forms the gloo
     # process group only in its CPU mode; a single process keeps accelerate's own device choice.
     cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision), cpu=cpu_group)
+    # A precision the device cannot do is one line before anything starts.
+    precision = resolve_precision(cfg.train.mixed_precision, base=cfg.model.base)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu_group)
+    if accelerator.is_main_process and (note := precision_note(precision, accelerator.device.type)):
+        console.print(note, markup=False, highlight=False)
     with ExitStack() as held:
         if accelerator.is_main_process:  # one writer per run folder; the other processes of this run write nothing
             run.check_writable()

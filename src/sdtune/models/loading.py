@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -14,9 +15,11 @@ from typing import Literal
 import torch
 
 from sdtune.core.errors import ModelError
-from sdtune.models.components import ComponentDtypes, SDComponents
+from sdtune.models.checkpoint_io import SAFETENSORS_SUFFIXES, read_metadata
+from sdtune.models.components import TEXT_ENCODER_NAMES, ComponentDtypes, SDComponents
 from sdtune.models.family import Detection, ModelFamily, Prediction, detect_diffusers_folder
 from sdtune.models.folder import load_diffusers_folder, save_diffusers_folder
+from sdtune.models.shipped import shipped_configs
 from sdtune.models.single_file import detect_single_file, load_single_file, save_single_file
 
 
@@ -37,6 +40,21 @@ def detect(path: str | Path) -> Detection:
     if path.is_file():
         return detect_single_file(path)
     raise ModelError(f"{path}: no such file or folder; give a diffusers folder, a .safetensors/.ckpt file or 'builtin'")
+
+
+def model_configs(path: str | Path) -> tuple[ModelFamily, dict[str, dict]]:
+    """The family and component configs of a model path, from its configs and header only (no weights read):
+    what :func:`load_model` would build (a folder's own configs; a single file's recorded or shipped ones)."""
+    path = resolve_path(path)
+    family = detect(path).family
+    if path.is_dir():
+        configs = {}
+        for name in ("unet", "vae", *TEXT_ENCODER_NAMES[: family.num_text_encoders]):
+            configs[name] = json.loads((path / name / "config.json").read_text(encoding="utf-8"))
+        return family, configs
+    metadata = read_metadata(path) if path.suffix.lower() in SAFETENSORS_SUFFIXES else {}
+    configs = json.loads(metadata["sdtune.configs"]) if "sdtune.configs" in metadata else shipped_configs(family)
+    return family, {k: v for k, v in configs.items() if k != "scheduler"}
 
 
 def load_model(

@@ -42,6 +42,7 @@ from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
 from sdtune.train.optim import LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
+from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
 
 
@@ -204,6 +205,7 @@ def _train(
     groups = job.trainable_parameters()
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, cfg.optimizer)
+    scaler = LossScaler(accelerator.mixed_precision == "fp16", accelerator.device.type)
     if main:
         run.ensure()
         # A STOP left by a process that died before honouring it is stale; one written since this process started
@@ -218,6 +220,7 @@ def _train(
         job.load_state_dict(trainable)
         optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng["torch"])
+        scaler.load_state_dict(state.get("loss_scaler", {}))
         start, last_checkpoint = int(state["step"]), checkpoint.path
         if main:
             run.truncate_metrics(start)
@@ -248,7 +251,7 @@ def _train(
                 step,
                 trainable,
                 opt_state,
-                {"step": step, "epoch": epoch(step)},
+                {"step": step, "epoch": epoch(step)} | ({"loss_scaler": scaler.state_dict()} if scaler.enabled else {}),
                 rng,
                 export=lambda d: job.export(d, step),
                 keep_last=cfg.save.keep_last,
@@ -305,7 +308,7 @@ def _train(
             generators = [sample_generator(t.seed, k) for k in positions]
             with accelerator.autocast():
                 loss = job.loss(indices, generators)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             total += loss.detach().float() / accum
         # 3. average gradients over processes (small trainables: one all-reduce each, no DDP wrapper needed)
         if world > 1:
@@ -313,10 +316,13 @@ def _train(
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
             total = accelerator.reduce(total, reduction="mean")
-        # 4. NaN guard: never step on a non-finite loss or gradient; the last checkpoint stays as it was
+        # 4. NaN guard: never step on a non-finite loss or gradient; the last checkpoint stays as it was. In fp16 an
+        # overflowing gradient is the loss scale being too high: that step is skipped and the scale halved.
+        scaler.unscale(optimizer)
         grad_norm = _grad_norm(params, t.clip_grad, t.clip_value)
         loss_value = float(total)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        overflow = scaler.overflowed(grad_norm) and math.isfinite(loss_value)
+        if not overflow and not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             message = (
                 f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm}; stopped without "
@@ -327,8 +333,13 @@ def _train(
                 run.log(message)
             bus.emit(RunFailed(step + 1, message, str(last_checkpoint) if last_checkpoint else None))
             raise TrainingError(message)
-        optimizer.step()
+        skipped_at_scale = scaler.step(optimizer, params)
         optimizer.zero_grad(set_to_none=True)
+        if skipped_at_scale is not None and main:
+            run.log(
+                f"step {step + 1}: fp16 gradients overflowed at loss scale {skipped_at_scale:g}; update skipped, "
+                f"scale now {scaler.current:g} ({scaler.skipped} skipped so far)"
+            )
         step += 1
         job.after_step(step)
         speed = per_step / max(time.perf_counter() - tic, 1e-9)
@@ -343,8 +354,10 @@ def _train(
                 "loss": loss_value,
                 "lr": rate,
                 "images_per_second": round(speed, 3),
-                "grad_norm": round(grad_norm, 6),
+                "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
             }
+            if scaler.enabled:
+                row |= {"loss_scale": scaler.current, "skipped_steps": scaler.skipped}
             run.append_metrics(row if validation is None else row | {"validation_loss": validation})
         bus.emit(StepEnd(step, t.max_steps, epoch(step), loss_value, rate, speed, grad_norm))
         if validation is not None:

@@ -171,6 +171,13 @@ def run_row(work: Path, family: str, row: str, steps: int) -> dict:
     return result
 
 
+def estimated(work: Path, family: str, row: str, steps: int) -> dict:
+    """What ``sdtune estimate --json`` says of the row's config (its own process: no memory shared with a run)."""
+    config = sdtune_config(work, family, row, steps)
+    cmd = [sys.executable, "-m", "sdtune.cli.main", "estimate", str(config), "--json"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["build", "run", "floor"])
@@ -186,16 +193,24 @@ def main() -> None:
     elif args.what == "floor":
         floor(args.work, args.family, args.precision, args.checkpointing, args.steps)
     else:
-        print("| row | s/step | peak RSS | launch to 1st step | wall |")
-        print("|---|---|---|---|---|")
+        print("| row | s/step | peak RSS | launch to 1st step | wall | estimate: peak (ratio) | estimate: s/step (ratio) |")
+        print("|---|---|---|---|---|---|---|")
         for row in args.rows:
             r = run_row(args.work, args.family, row, args.steps)
             if "error" in r:
-                print(f"| {row} | error: {r['error']} | | | |", flush=True)
+                print(f"| {row} | error: {r['error']} | | | | | |", flush=True)
                 continue
             first = f"{r['first_step_s']:.0f} s" if r.get("first_step_s") is not None else "?"
             rss, wall = f"{r['peak_rss_gib']:.2f} GiB", f"{r['wall_s']:.0f} s"
-            print(f"| {row} | {r['seconds_per_step']:.2f} | {rss} | {first} | {wall} |", flush=True)
+            est = " | |"
+            if not row.startswith("floor"):
+                e = estimated(args.work, args.family, row, args.steps)
+                peak, sps = e["peak_host_bytes"] / 2**30, e["seconds_per_step"]
+                est = (
+                    f" {peak:.2f} GiB ({peak / r['peak_rss_gib']:.2f}) |"
+                    f" {sps:.2f} ({sps / r['seconds_per_step']:.2f}) |"
+                )
+            print(f"| {row} | {r['seconds_per_step']:.2f} | {rss} | {first} | {wall} |{est}", flush=True)
 
 
 if __name__ == "__main__":

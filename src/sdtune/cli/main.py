@@ -90,6 +90,43 @@ def train(
 
 
 @app.command()
+def estimate(
+    config: Path = typer.Argument(..., help="A training config YAML, or a run folder."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set data.batch_size=2"),
+    json_: bool = typer.Option(
+        False, "--json", help="Print one JSON object (peak_host_bytes, peak_device_bytes, ...)."
+    ),
+    measure: int = typer.Option(0, "--measure", min=0, help="Also run N real steps and report what they measured."),
+) -> None:
+    """What a run will cost before it starts: peak memory by part, time per step, and what would make it fit."""
+    import json
+    import tempfile
+
+    from sdtune.methods.estimate import device_memory, estimate, measure_steps, summary_lines
+    from sdtune.methods.run import resolve, run
+
+    cfg, _ = resolve(config, set_)
+    result = estimate(cfg)
+    if measure:
+        with tempfile.TemporaryDirectory(prefix="sdtune-estimate-") as work:
+            result.measured = measure_steps(cfg, measure, Path(work), run)
+    if json_:
+        print(json.dumps(result.as_dict()))
+        return
+    for line in summary_lines(result, device_memory(result.device)):
+        console.print(line, markup=False, highlight=False)
+    if result.measured:
+        m = result.measured
+        console.print(
+            f"  measured ({measure} steps): peak host {m['peak_host_bytes'] / 2**30:.2f} GiB, "
+            f"{m['seconds_per_step']:.3g} s/step"
+            + (f", peak GPU {m['peak_device_bytes'] / 2**30:.2f} GiB" if "peak_device_bytes" in m else ""),
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command()
 def inspect(path: str = typer.Argument(..., help="A model folder, a .safetensors/.ckpt file, or 'builtin'.")) -> None:
     """Show a model's family, components, dtypes, parameter counts and the hashes UIs display."""
     from sdtune.cli.inspect_view import show

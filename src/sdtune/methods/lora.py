@@ -74,6 +74,35 @@ from sdtune.train.recipe import (
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
+def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module]) -> dict:
+    """The peft config of each component that gets adapters (``unet``, ``text_encoder``, ``text_encoder_2`` in
+    ``components``): every explicit target must exist somewhere (else the nearest layer names), the rank must fit
+    the layers; components that none of the explicit targets live in get none."""
+    if cfg.target_modules:
+        try:
+            check_targets(components, cfg.target_modules)
+        except ValueError as exc:
+            raise ConfigError(f"target_modules: {exc}") from None
+    configs = {}
+    for name, module in components.items():
+        if cfg.target_modules:
+            names = [n for n, _ in module.named_modules()]
+            targets = [t for t in cfg.target_modules if any(n == t or n.endswith("." + t) for n in names)]
+        else:
+            targets = list((UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS)[cfg.targets])
+        if not targets:  # explicit targets that all live in other components
+            continue
+        try:
+            check_rank(module, targets, cfg.rank)
+        except ValueError as exc:
+            raise ConfigError(f"rank: {name}: {exc}") from None
+        alpha = cfg.alpha or cfg.rank
+        conv_alpha = (cfg.conv_alpha or alpha) if cfg.conv_rank else None
+        conv = [t for t in targets if t in CONV_TARGETS]
+        configs[name] = peft_config(cfg.adapter, cfg.rank, alpha, targets, cfg.dropout, cfg.conv_rank, conv_alpha, conv)
+    return configs
+
+
 class LoraJob:
     """The loop's view of a concept-model run (see :class:`sdtune.train.loop.Job`)."""
 
@@ -115,37 +144,13 @@ class LoraJob:
         self.components = {"unet": self.model.unet} if cfg.train_unet else {}
         if cfg.train_text_encoder:
             self.components |= dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
-        if cfg.target_modules:  # each explicit target must exist somewhere; name the nearest layers if not
-            try:
-                check_targets(self.components, cfg.target_modules)
-            except ValueError as exc:
-                raise ConfigError(f"target_modules: {exc}") from None
-        self.peft_configs, self.params = {}, {}
-        for name, module in list(self.components.items()):
-            targets = self._targets(name)
-            if not targets:  # explicit targets that all live in other components
-                del self.components[name]
-                continue
-            try:
-                check_rank(module, targets, cfg.rank)
-            except ValueError as exc:
-                raise ConfigError(f"rank: {name}: {exc}") from None
-            alpha = cfg.alpha or cfg.rank
-            conv_alpha = (cfg.conv_alpha or alpha) if cfg.conv_rank else None
-            config = peft_config(
-                cfg.adapter,
-                cfg.rank,
-                alpha,
-                targets,
-                cfg.dropout,
-                cfg.conv_rank,
-                conv_alpha,
-                [t for t in targets if t in CONV_TARGETS],
-            )
-            self.peft_configs[name] = config
+        self.peft_configs = adapter_configs(cfg, self.components)
+        self.components = {name: self.components[name] for name in self.peft_configs}
+        self.params = {}
+        for name, config in self.peft_configs.items():
             with torch.random.fork_rng():  # the adapters' random init follows train.seed, not the process's history
                 torch.manual_seed(cfg.train.seed + len(self.params))
-                self.params[name] = fp32_masters(inject(module, config))  # over bf16/fp16 frozen weights
+                self.params[name] = fp32_masters(inject(self.components[name], config))  # over bf16/fp16 weights
         for module in self.components.values():
             module.train()
         if cfg.train.gradient_checkpointing:  # every network the loss backpropagates through
@@ -168,13 +173,6 @@ class LoraJob:
     def averaged(self) -> contextlib.AbstractContextManager:
         """Inside the block the adapters hold the weights users get: the EMA when it is on."""
         return self.ema.applied() if self.ema else contextlib.nullcontext()
-
-    def _targets(self, component: str) -> list[str]:
-        if self.cfg.target_modules:
-            names = [n for n, _ in self.components[component].named_modules()]
-            return [t for t in self.cfg.target_modules if any(n == t or n.endswith("." + t) for n in names)]
-        table = UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
-        return list(table[self.cfg.targets])
 
     def _prior(self, accelerator: Accelerator) -> PriorPreservation:
         """LoRA-DreamBooth: class images (rendered by the base model when missing) paired with every sample."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,9 +16,11 @@ from rich.console import Console
 from sdtune.config import dump_yaml, load_train_config
 from sdtune.config.methods import RunBase
 from sdtune.core import quiet
-from sdtune.core.errors import ConfigError
+from sdtune.core.atomic import write_text as atomic_write_text
+from sdtune.core.errors import ConfigError, TrainingError
 from sdtune.core.events import EventBus
 from sdtune.methods import setup_function
+from sdtune.methods.estimate import Estimate, device_memory, estimate, peak_rss, summary_lines
 from sdtune.train.config_changes import check_resume, describe
 from sdtune.train.disk_errors import WriteGuard
 from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
@@ -86,14 +89,68 @@ def run(
                     console.print(line, markup=False, highlight=False)
                     run.log(line)
                 run.create(dump_yaml(cfg))
+                cost = _estimate(cfg, accelerator, run, console)
                 if progress:
                     bus.subscribe(ConsoleProgress(console))
                 bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
             held.enter_context(quiet.run_log(run.events_path))  # third-party notices: events.log, not the console
+        else:
+            cost = None
         accelerator.wait_for_everyone()
-        job = setup_function(cfg.method)(cfg, accelerator, console)
-        with _graceful_stop(run, console):
-            return train(job, cfg, run, bus, accelerator)
+        try:
+            job = setup_function(cfg.method)(cfg, accelerator, console)
+            with _graceful_stop(run, console):
+                outputs = train(job, cfg, run, bus, accelerator)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise TrainingError(_out_of_memory(exc, cost, run)) from None
+        if accelerator.is_main_process:
+            _record_measured(run, cost, accelerator)
+        return outputs
+
+
+def _estimate(cfg: RunBase, accelerator: Accelerator, run: RunDir, console: Console) -> Estimate | None:
+    """The run's expected cost, printed first (and recorded in ``estimate.json``); a warning with what to change
+    when it exceeds the free memory. An estimate that cannot be made never stops the run."""
+    try:
+        cost = estimate(cfg, accelerator.device.type)
+    except Exception as exc:  # advisory only: say why, train anyway
+        run.log(f"no estimate: {type(exc).__name__}: {exc}")
+        return None
+    free = device_memory(cost.device)
+    lines = summary_lines(cost, free)
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+        run.log(line)
+    atomic_write_text(run.root / "estimate.json", json.dumps({"estimate": cost.as_dict()}, indent=2))
+    return cost
+
+
+def _record_measured(run: RunDir, cost: Estimate | None, accelerator: Accelerator) -> None:
+    """The measured peaks beside the estimate (``estimate.json``; the line in events.log)."""
+    measured = {"peak_host_bytes": peak_rss()}
+    if accelerator.device.type == "cuda":
+        measured["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    record = {"estimate": cost.as_dict() if cost else None, "measured": measured}
+    atomic_write_text(run.root / "estimate.json", json.dumps(record, indent=2))
+    line = f"peak memory: host {measured['peak_host_bytes'] / 2**30:.2f} GiB"
+    if "peak_device_bytes" in measured:
+        line += f", GPU {measured['peak_device_bytes'] / 2**30:.2f} GiB"
+    if cost:
+        line += f" (estimated {cost.peak_device_bytes / 2**30:.2f} GiB)"
+    run.log(line)
+
+
+def _out_of_memory(exc: BaseException, cost: Estimate | None, run: RunDir) -> str:
+    """One line: what ran out, what was estimated, what to change, the last good checkpoint."""
+    where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "host"
+    latest = run.latest_checkpoint()
+    line = f"out of {where} memory during the run"
+    if cost:
+        line += f" (estimated peak {cost.peak_device_bytes / 2**30:.2f} GiB)"
+        if cost.suggestions:
+            line += "; try " + "; ".join(cost.suggestions[:3])
+    line += f". Last good checkpoint: {latest.path if latest else 'none'}"
+    return line + (f"; resume with: sdtune train {run.root} --resume" if latest else "")
 
 
 @contextmanager

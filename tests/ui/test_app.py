@@ -47,3 +47,26 @@ def test_runs_and_the_runs_folder_must_be_inside_the_roots(tmp_path):
         app.run_root(str(tmp_path))
     with pytest.raises(PathRefused):
         app.run_root("../")
+
+
+def test_the_train_page_estimates_the_form_as_it_changes(tmp_path, tiny_model):
+    from image_folders import write_image_folder
+
+    from sdtune.models.loading import save_model
+    from sdtune.ui.forms import config_to_values
+
+    app = App(Roots([tmp_path]))
+    demo = build_app(app)
+    assert "train-estimate" in {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    base = save_model(tiny_model("sd1"), tmp_path / "tiny.safetensors")
+    folder = write_image_folder(tmp_path / "images")
+    cfg = METHOD_SCHEMAS["lora"].model_validate(
+        {"method": "lora", "name": "x", "model": {"base": str(base)}, "data": {"path": str(folder)}}
+    )
+    values = []
+    for method, fields in app.fields.items():
+        values += config_to_values(fields, cfg) if method == "lora" else [None] * len(fields)
+    text = app.form_estimate("lora", tuple(values))
+    assert text.startswith("estimate: lora on sd1 at 32px") and "time per step" in text  # the tiny model's size
+    empty = app.form_estimate("lora", tuple([None] * len(values)))
+    assert empty.startswith("estimate: not yet (") and "\n" not in empty

@@ -27,6 +27,7 @@ steps and reports the measured figures beside the estimate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import sys
@@ -280,13 +281,34 @@ def _unet_pass(
     hooks = [b.register_forward_pre_hook(enter) for b in blocks] + [b.register_forward_hook(leave) for b in blocks]
     counter = FlopCounterMode(display=False)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _fused_attention():
             unet(sample, torch.full((batch,), 500, device="meta"), context, **kwargs)
     finally:
         for h in hooks:
             h.remove()
     checkpointed = state["outside"] + state["inputs"] + state["largest"]
     return state["total"], checkpointed, float(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    """On the meta device SDPA takes its math path, which keeps the whole attention matrix for the backward pass;
+    real runs take a fused kernel (flash / memory-efficient on CPUs and GPUs) that keeps only q, k, v, the output
+    and a log-sum-exp. The meta pass uses the fused kernel's meta function, so it saves what real runs save."""
+    functional = torch.nn.functional
+    plain = functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **extra):
+        if attn_mask is not None or extra or query.device.type != "meta":
+            return plain(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = plain
 
 
 _RATES: dict[tuple[str, torch.dtype], float] = {}

@@ -55,6 +55,17 @@ class App:
         cfg = parse_form(METHOD_SCHEMAS[method], self.fields[method], self._split(values)[method])
         return confine_config(cfg, self.roots)
 
+    def form_estimate(self, method: str, values: tuple) -> str:
+        """What the form's run would cost (``sdtune estimate``'s lines), or why it cannot be estimated yet."""
+        from sdtune.methods.estimate import device_memory, estimate, summary_lines
+
+        try:
+            cfg = self.form_config(method, values)
+            cost = estimate(cfg)
+        except Exception as exc:  # noqa: BLE001 - the form is being edited: say what is missing
+            return f"estimate: not yet ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return "\n".join(summary_lines(cost, device_memory(cost.device)))
+
     def run_choices(self) -> list[tuple[str, str]]:
         choices = []
         for root in self.jobs.find_runs():

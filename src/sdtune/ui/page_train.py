@@ -49,6 +49,12 @@ def build(gr, app: "App", methods: list[str]) -> dict:
         validate = gr.Button("Validate", elem_id="train-validate")
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
     message = widgets.message(gr, "train-message")
+    cost = gr.Code(
+        label="estimate (memory and time per step; `sdtune estimate`)",
+        language=None,
+        interactive=False,
+        elem_id="train-estimate",
+    )
     yaml_view = gr.Code(label="config (what `sdtune train` gets)", language="yaml", interactive=False)
 
     method.change(lambda m: [gr.Column(visible=m == n) for n in methods], [method], columns)
@@ -61,6 +67,14 @@ def build(gr, app: "App", methods: list[str]) -> dict:
         return widgets.ok(f"valid {cfg.method} config"), dump_yaml(cfg)
 
     validate.click(validate_form, [method, *inputs], [message, yaml_view])
+    gr.on(
+        [method.change, validate.click, *[i.change for i in inputs]],
+        lambda name, *values: app.form_estimate(name, values),
+        [method, *inputs],
+        cost,
+        trigger_mode="always_last",
+        show_progress="hidden",
+    )
 
     def save_yaml(file: str, name: str, *values):
         try:
@@ -93,4 +107,11 @@ def build(gr, app: "App", methods: list[str]) -> dict:
         lambda file: fill(lambda: app.roots.resolve(file, what="config file", must_exist=True)), [path], fill_outputs
     )
     upload.upload(lambda file: fill(lambda: Path(file)), [upload], fill_outputs)
-    return {"method": method, "inputs": inputs, "start": start, "message": message, "yaml": yaml_view}
+    return {
+        "method": method,
+        "inputs": inputs,
+        "start": start,
+        "message": message,
+        "yaml": yaml_view,
+        "estimate": cost,
+    }

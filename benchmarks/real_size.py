@@ -12,7 +12,8 @@ floor's own timer), peak RSS of the whole process, and launch to first step. Not
 2 cores are easily skewed.
 
 Rows: ``lora-{fp32,bf16}[-gc]`` (sdtune, LoRA rank 16 on the attention projections, 512 px, batch 1, previews
-off), ``ti-bf16-gc``, and ``floor-{fp32,bf16}[-gc]``.
+off), ``ti-bf16-gc``, ``ft-bf16-gc[-fused]`` (the full fine-tune step, with ``train.fused_backward``), and
+``floor-{fp32,bf16}[-gc]``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ ROWS = [
     "floor-bf16-gc",
     "lora-bf16-gc",
     "ti-bf16-gc",
+    "ft-bf16-gc",
+    "ft-bf16-gc-fused",
 ]
 
 
@@ -73,7 +76,10 @@ def sdtune_config(work: Path, family: str, row: str, steps: int) -> Path:
         "save": {"every_n_steps": 0},
         "preview": {"enabled": False},
     }
-    if method == "lora":
+    raw["train"]["fused_backward"] = "fused" in rest
+    if method == "ft":  # the SD 1.5 full fine-tune step (UNet only, AdamW)
+        raw |= {"method": "finetune", "optimizer": {"lr": 1e-6}, "save": {"every_n_steps": 0}}
+    elif method == "lora":
         raw |= {"method": "lora", "rank": 16, "targets": "attention", "optimizer": {"lr": 1e-4}}
     else:
         raw |= {"method": "textual_inversion", "token": "<thing>", "init_text": "thing", "optimizer": {"lr": 5e-3}}

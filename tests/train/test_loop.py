@@ -181,3 +181,49 @@ def test_max_steps_counts_total_steps_across_resumes(tmp_path):
     train(LinearJob(), config(tmp_path, max_steps=5), run, EventBus(), Accelerator(cpu=True))
     with pytest.raises(TrainingError, match="already at step 5"):
         train(LinearJob(), config(tmp_path, max_steps=5), run, EventBus(), Accelerator(cpu=True))
+
+
+def test_fused_backward_steps_each_weight_in_the_backward_pass_like_the_plain_optimizer(tmp_path):
+    """Per-parameter AdamW stepped by hooks gives the plain AdamW's weights, holds no gradient after the backward
+    pass, and resumes exactly."""
+    plain, fused = LinearJob(), LinearJob()
+    train(plain, config(tmp_path / "a", save_every=4), RunDir(tmp_path / "a" / "t"), EventBus(), Accelerator(cpu=True))
+    cfg = config(tmp_path / "b", save_every=4, fused_backward=True)
+    train(fused, cfg, RunDir(tmp_path / "b" / "t"), EventBus(), Accelerator(cpu=True))
+    torch.testing.assert_close(fused.w.detach(), plain.w.detach(), rtol=1e-6, atol=1e-7)
+    assert fused.w.grad is None  # freed by the hook right after its step
+    rows = [json.loads(x) for x in (tmp_path / "b" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    run = RunDir(tmp_path / "c" / "t")
+    train(
+        LinearJob(),
+        config(tmp_path / "c", max_steps=8, save_every=4, fused_backward=True),
+        run,
+        EventBus(),
+        Accelerator(cpu=True),
+    )
+    resumed = LinearJob()
+    train(resumed, config(tmp_path / "c", save_every=4, fused_backward=True), run, EventBus(), Accelerator(cpu=True))
+    torch.testing.assert_close(resumed.w.detach(), fused.w.detach(), rtol=0, atol=0)
+
+
+def test_fused_backward_never_steps_on_a_nan_loss(tmp_path):
+    run, job = RunDir(tmp_path / "t"), LinearJob(poison_at=7)
+    with pytest.raises(TrainingError, match=r"step 7: loss is nan; stopped without updating"):
+        train(job, config(tmp_path, save_every=2, fused_backward=True), run, EventBus(), Accelerator(cpu=True))
+    assert torch.isfinite(job.w).all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"grad_accum": 2}, "grad_accum must be 1"),
+        ({"clip_grad": "norm"}, "use clip_grad: value or none"),
+        ({"mixed_precision": "fp16"}, "use mixed_precision: bf16"),
+    ],
+)
+def test_fused_backward_refuses_what_it_cannot_do(tmp_path, extra, message):
+    from sdtune.core.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        config(tmp_path, fused_backward=True, **extra)

@@ -169,11 +169,33 @@ class TrainConfig(StrictModel):
     """Trade compute for memory: every method recomputes activations in the backward pass instead of keeping them,
     in the UNet and in the text encoders the loss backpropagates through (textual inversion, pivotal tuning, a
     trained text encoder). About a third more time per step."""
+    fused_backward: bool = False
+    """Step each weight's optimizer as soon as its gradient is ready in the backward pass, so the gradients of the
+    whole network are never held at once (kohya's `--fused_backward_pass`): a full fine-tune or DreamBooth of SD 1.5
+    holds 3.4 GB less. Needs grad_accum 1, clip_grad none or value, no fp16 and one process."""
     validation_every_n_steps: int = Field(0, ge=0, examples=[100])
     """Compute the validation loss (at fixed noise and timesteps, so values are comparable) every N steps; it goes
     to metrics.jsonl and TensorBoard. Needs `data.validation_split` or `data.validation_path`. 0 = off."""
     validation_timesteps: int = Field(4, ge=1, le=100, examples=[4])
     """Timesteps per validation image, spread evenly over the noise schedule."""
+
+    @model_validator(mode="after")
+    def _fused_backward_fits(self) -> TrainConfig:
+        if not self.fused_backward:
+            return self
+        if self.grad_accum != 1:
+            raise ValueError(
+                f"fused_backward: steps during the backward pass, so grad_accum must be 1 (got {self.grad_accum})"
+            )
+        if self.clip_grad == "norm":
+            raise ValueError(
+                "fused_backward: the total gradient norm is known only after every step; use clip_grad: value or none"
+            )
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "fused_backward: fp16 loss scaling needs all gradients before stepping; use mixed_precision: bf16"
+            )
+        return self
 
 
 class SaveConfig(StrictModel):

@@ -40,7 +40,7 @@ from sdtune.core.events import (
 )
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
-from sdtune.train.optim import LearningRate, make_optimizer
+from sdtune.train.optim import FusedBackward, LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
@@ -204,7 +204,14 @@ def _train(
     per_step = batch * world * accum  # examples per optimizer step: effective batch
     groups = job.trainable_parameters()
     params = [p for g in groups for p in g["params"]]
-    optimizer = make_optimizer(groups, cfg.optimizer)
+    if t.fused_backward and world > 1:
+        raise TrainingError(
+            "train.fused_backward: steps inside the backward pass of one process; use it without launch"
+        )
+    clip_value = t.clip_value if t.clip_grad == "value" else None
+    optimizer = (
+        FusedBackward(groups, cfg.optimizer, clip_value) if t.fused_backward else make_optimizer(groups, cfg.optimizer)
+    )
     scaler = LossScaler(accelerator.mixed_precision == "fp16", accelerator.device.type)
     if main:
         run.ensure()
@@ -308,6 +315,9 @@ def _train(
             generators = [sample_generator(t.seed, k) for k in positions]
             with accelerator.autocast():
                 loss = job.loss(indices, generators)
+            if t.fused_backward and not torch.isfinite(loss.detach()).all():
+                total += loss.detach().float()  # the backward pass would step: stop on the loss first (below)
+                break
             scaler.scale(loss / accum).backward()
             total += loss.detach().float() / accum
         # 3. average gradients over processes (small trainables: one all-reduce each, no DDP wrapper needed)
@@ -319,15 +329,20 @@ def _train(
         # 4. NaN guard: never step on a non-finite loss or gradient; the last checkpoint stays as it was. In fp16 an
         # overflowing gradient is the loss scale being too high: that step is skipped and the scale halved.
         scaler.unscale(optimizer)
-        grad_norm = _grad_norm(params, t.clip_grad, t.clip_value)
+        if isinstance(optimizer, FusedBackward):
+            grad_norm = optimizer.take_grad_norm()
+        else:
+            grad_norm = _grad_norm(params, t.clip_grad, t.clip_value)
         loss_value = float(total)
         overflow = scaler.overflowed(grad_norm) and math.isfinite(loss_value)
         if not overflow and not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            partly = t.fused_backward and what == "gradient norm"  # weights stepped before the bad one
             message = (
-                f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm}; stopped without "
-                f"updating. Last good checkpoint: {last_checkpoint or 'none'}. Lower optimizer.lr or use "
-                "train.clip_grad: norm"
+                f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm}; stopped "
+                + ("(this step updated some weights in memory only)" if partly else "without updating")
+                + f". Last good checkpoint: {last_checkpoint or 'none'}. Lower optimizer.lr or use train.clip_grad: "
+                + ("value" if t.fused_backward else "norm")
             )
             if main:
                 run.log(message)

@@ -102,3 +102,72 @@ class LearningRate:
             group["lr"] = rate
         self.current = rates[0]
         return self.current
+
+
+class FusedBackward(torch.optim.Optimizer):
+    """One optimizer per parameter, stepped by a hook the moment that parameter's gradient is complete in the
+    backward pass, its gradient freed right after (PyTorch's "fuse the optimizer step into backward" recipe; kohya's
+    ``--fused_backward_pass``): peak memory holds one gradient at a time instead of all of them.
+
+    To the loop it looks like one optimizer: ``param_groups`` are the per-parameter groups (the learning rate is set
+    on them as usual), ``step`` and ``zero_grad`` do nothing (the hooks did it), ``state_dict`` holds every
+    parameter's state. A non-finite gradient is not stepped on; :meth:`take_grad_norm` then returns NaN, so the loop
+    stops as it does for a NaN loss (the parameters stepped earlier in that pass are only changed in memory: the
+    last checkpoint is intact)."""
+
+    def __init__(self, groups: Sequence[dict], cfg: OptimizerConfig, clip_value: float | None = None) -> None:
+        params = [p for g in groups for p in g["params"]]
+        super().__init__(params, {})
+        self._optimizers = [make_optimizer([{**g, "params": [p]}], cfg) for g in groups for p in g["params"]]
+        self.param_groups = [o.param_groups[0] for o in self._optimizers]  # shared: a rate set here reaches them
+        self._clip_value = clip_value
+        self._squares: list[torch.Tensor] = []
+        self._nonfinite = 0
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook(o)) for p, o in zip(params, self._optimizers, strict=True)
+        ]
+
+    def _hook(self, optimizer: torch.optim.Optimizer):
+        def step(param: torch.Tensor) -> None:
+            grad = param.grad
+            squares = grad.detach().float().pow(2).sum()
+            if not torch.isfinite(squares):
+                self._nonfinite += 1
+            else:
+                self._squares.append(squares)
+                if self._clip_value is not None:
+                    grad.clamp_(-self._clip_value, self._clip_value)
+                optimizer.step()
+            param.grad = None
+
+        return step
+
+    def take_grad_norm(self) -> float:
+        """The norm of this step's gradients (before clipping); NaN when one was not finite. Resets."""
+        norm = (
+            float("nan")
+            if self._nonfinite
+            else float(torch.stack(self._squares).sum().sqrt())
+            if self._squares
+            else 0.0
+        )
+        self._squares, self._nonfinite = [], 0
+        return norm
+
+    def step(self, closure=None) -> None:  # the hooks stepped each parameter during backward
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # the hooks freed each gradient after its step
+        return None
+
+    def state_dict(self) -> dict:
+        return {"per_parameter": [o.state_dict() for o in self._optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self._optimizers, state_dict["per_parameter"], strict=True):
+            optimizer.load_state_dict(state)
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters (the run is over)."""
+        for hook in self._hooks:
+            hook.remove()

@@ -39,8 +39,10 @@ def named_parameters(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.
 
 
 def weights_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trained weights for a checkpoint."""
-    return {key: p.detach().to("cpu", copy=True) for key, p in named_parameters(modules).items()}
+    """The trained weights on the CPU for a checkpoint: the live tensors themselves where they are on the CPU
+    already (no second copy of a whole UNet at the peak; the checkpoint is written before the next step changes
+    them), a copy from a GPU."""
+    return {key: p.detach().to("cpu") for key, p in named_parameters(modules).items()}
 
 
 def load_weights_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:

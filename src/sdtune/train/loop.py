@@ -159,6 +159,34 @@ def _grad_norm(params: list[torch.nn.Parameter], mode: str, value: float) -> flo
     return float(norm)
 
 
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Every gradient averaged over the processes: flattened into buckets of about 25 MB per dtype (DDP's
+    scheme), one all-reduce per bucket, then copied back into place. Every process has the same parameters with
+    gradients, in the same order, so the buckets match."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        grad = p.grad
+        chunks = buckets.setdefault(grad.dtype, [[]])
+        if sizes.get(grad.dtype, 0) >= GRADIENT_BUCKET_BYTES:
+            chunks.append([])
+            sizes[grad.dtype] = 0
+        chunks[-1].append(grad)
+        sizes[grad.dtype] = sizes.get(grad.dtype, 0) + grad.numel() * grad.element_size()
+    for chunks in buckets.values():
+        for bucket in chunks:
+            flat = accelerator.reduce(_flatten_dense_tensors(bucket), reduction="mean")
+            for grad, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                grad.copy_(averaged)
+
+
 _PROCESS_START = time.time()
 
 
@@ -320,11 +348,9 @@ def _train(
                 break
             scaler.scale(loss / accum).backward()
             total += loss.detach().float() / accum
-        # 3. average gradients over processes (small trainables: one all-reduce each, no DDP wrapper needed)
+        # 3. average gradients over processes, in buckets as DDP does (one all-reduce per ~25 MB, not per tensor)
         if world > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            _average_gradients(params, accelerator)
             total = accelerator.reduce(total, reduction="mean")
         # 4. NaN guard: never step on a non-finite loss or gradient; the last checkpoint stays as it was. In fp16 an
         # overflowing gradient is the loss scale being too high: that step is skipped and the scale halved.

@@ -519,7 +519,23 @@ def _check_diffusers(keys: Mapping[str, Shape], model: ModelModules, report: Tar
                 "it converts kohya LoRA/LoCon only"
             )
             return
+        # load_lora_into_text_encoder -> state_dict_utils.convert_state_dict_to_diffusers infers the format per
+        # text encoder: the converted attention names ("self_attn.to_q_lora") are renamed to q/k/v/out_proj only
+        # when a "to_out_lora" (an out_proj LoRA) is among them; with MLP LoRAs only they stay and are dropped;
+        # with neither, "Could not automatically infer state dict type" fails the load.
+        te_attention_kept = {}
+        for te in ("lora_te2_", ("lora_te_", "lora_te1_")):
+            te_names = [n for n, _ in names.values() if n.startswith(te)]
+            has_out = any("self_attn_out_proj" in n for n in te_names)
+            if te_names and not has_out and not any("_mlp_" in n for n in te_names):
+                report.error = "diffusers refuses the file: its text-encoder LoRA has neither out_proj nor MLP tensors"
+                return
+            te_attention_kept[te] = has_out
         for key, (name, _) in names.items():
+            te = "lora_te2_" if name.startswith("lora_te2_") else ("lora_te_", "lora_te1_")
+            if name.startswith(te) and "_self_attn_" in name and not te_attention_kept[te]:
+                report.ignored.append(key)
+                continue
             if has_sgm and has_diffusers and any(p in name for p in _SGM):
                 report.ignored.append(key)  # both naming schemes: the SGM-named keys are removed
                 continue

@@ -14,7 +14,9 @@ from rich.console import Console
 
 from sdtune.core.errors import SdtuneError
 
-lora_app = typer.Typer(help="LoRA files: merge into a model, resize, extract, convert, inspect.", no_args_is_help=True)
+lora_app = typer.Typer(
+    help="LoRA files: merge into a model, resize, extract, convert, inspect, check.", no_args_is_help=True
+)
 console = Console(soft_wrap=True)  # paths and messages stay whole lines (copyable); tables still fit the width
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -138,3 +140,39 @@ def inspect(file: Path = typer.Argument(..., help="A LoRA .safetensors file.")) 
         for key, value in sorted(s["metadata"].items()):
             table.add_row(Text(key), Text(value if len(value) <= 100 else value[:97] + "..."))  # as written
         console.print(table)
+
+
+@lora_app.command("check")
+def check(
+    file: Path = typer.Argument(..., help="A LoRA .safetensors file (sdtune's, kohya/LyCORIS or diffusers PEFT)."),
+    for_: str = typer.Option("all", "--for", help="a1111, comfyui, invoke, diffusers, or all (comma-separated)."),
+    examples: int = typer.Option(5, "--examples", min=0, help="Ignored keys to list per target."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Would A1111 / ComfyUI / InvokeAI / diffusers load every key? Exit 1 if any target drops or misapplies one."""
+    import json
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from sdtune.tools import lora_check
+
+    result = lora_check.check_file(file, lora_check.parse_targets(for_))
+    if as_json:
+        print(json.dumps(lora_check.as_json(result, examples), indent=2))
+    else:
+        console.print(
+            Text(f"{file}  ({result['family']}, {result['layout']} layout, {result['algo']})", style="bold"),
+            highlight=False,
+        )
+        table = Table("target", "status", "mapped", "ignored", "issues")
+        for target, report in result["targets"].items():
+            status = Text("ok", "green") if report.ok else Text("refused" if report.error else "PROBLEMS", "red")
+            notes = [report.error] if report.error else report.issues
+            table.add_row(target, status, str(len(report.mapped)), str(len(report.ignored)), Text("\n".join(notes)))
+        console.print(table)
+        for target, report in result["targets"].items():
+            for key in report.ignored[:examples] if not report.error else []:
+                console.print(f"{target} ignores: {key}", highlight=False, markup=False)
+    if not result["ok"]:
+        raise typer.Exit(1)

@@ -275,7 +275,9 @@ def _print_error(message: str) -> None:
 def main() -> None:
     """Entry point: run the app, print sdtune errors and usage errors as one line (exit 2), never a traceback."""
     try:
-        app(standalone_mode=False, prog_name="sdtune")  # "Try 'sdtune train --help'" also under python -m
+        code = app(standalone_mode=False, prog_name="sdtune")  # "Try 'sdtune train --help'" also under python -m
+        if isinstance(code, int) and code:  # a command's typer.Exit(n): click returns n without standalone mode
+            sys.exit(code)
     except SdtuneError as exc:
         _print_error(str(exc))
         sys.exit(2)

@@ -67,7 +67,15 @@ class RunFailed:
     last_checkpoint: str | None = None
 
 
-Event = RunStarted | StepEnd | ValidationLoss | SampleSaved | CheckpointSaved | RunFinished | RunFailed
+@dataclass(frozen=True)
+class RunWarning:
+    """Something the user should know about the run's outputs (e.g. a tool that would drop LoRA keys)."""
+
+    step: int
+    message: str
+
+
+Event = RunStarted | StepEnd | ValidationLoss | SampleSaved | CheckpointSaved | RunFinished | RunFailed | RunWarning
 Listener = Callable[[Event], None]
 
 

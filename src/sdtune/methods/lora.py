@@ -11,7 +11,9 @@ Recipe:
 5. EMA (``ema: true``): an exponential moving average of the adapter weights, as the full fine-tune keeps of its
    weights; previews, the validation loss and export use it, checkpoints hold it;
 6. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
-   InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``).
+   InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``); then every target tool's key map is checked on it
+   (header only) and ``compatibility.json`` written beside it, with a warning for each tool that would drop or
+   misapply a key.
 Pivotal tuning (``token:``): a new word's embedding trains with its own learning rate alongside the adapters,
 is frozen after ``token_train_fraction`` of the steps, and is exported as embedding files next to the LoRA.
 LoRA-DreamBooth (``dreambooth:``): class images of the class prompt, made by the base model when missing, train
@@ -37,6 +39,7 @@ from sdtune.core.dtypes import cast_floats, torch_dtype
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
+from sdtune.formats import tool_keys
 from sdtune.formats.embeddings import Embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
@@ -107,6 +110,7 @@ class LoraJob:
     """The loop's view of a concept-model run (see :class:`sdtune.train.loop.Job`)."""
 
     initial_step = 0
+    export_warnings: list[str] = []  # what the last export's compatibility check found (the loop logs them)
 
     def __init__(self, cfg: LoraConfig, accelerator: Accelerator, console: Console | None = None) -> None:
         self.cfg, self.console = cfg, console or Console()
@@ -278,6 +282,7 @@ class LoraJob:
         outputs = [path] + self._export_token(Path(out_dir), step)
         if cfg.file_format == "peft":
             save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(self.peft_configs))
+            self._check_compatibility([path])
             return outputs
         training = {
             "ss_output_name": cfg.name,
@@ -306,7 +311,20 @@ class LoraJob:
             title=cfg.name,
         )
         save_lora(path, to_kohya(states, self.peft_configs, family, self.model.unet.config), metadata)
+        self._check_compatibility([path])
         return outputs
+
+    def _check_compatibility(self, paths: list[Path]) -> None:
+        """Which keys A1111 / ComfyUI / InvokeAI / diffusers would drop or misapply, from the files' headers and this
+        model's modules: ``compatibility.json`` beside the files, a warning line per problem."""
+        modules = tool_keys.model_modules(self.model.modules(), self.model.family)
+        per_block = int(self.model.unet.config.layers_per_block)
+        results = []
+        for path in paths:
+            reports = tool_keys.check_keys(tool_keys.header_shapes(path), modules, layers_per_block=per_block)
+            results.append({"file": str(path), "ok": all(r.ok for r in reports.values()), "targets": reports})
+        tool_keys.write_compatibility(paths[0].parent, results)
+        self.export_warnings = [line for result in results for line in tool_keys.warnings_of(result)]
 
     def _export_token(self, out_dir: Path, step: int) -> list[Path]:
         """The pivotal token as embedding files (its name is the trigger word in A1111/ComfyUI)."""

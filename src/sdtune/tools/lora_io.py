@@ -84,12 +84,7 @@ def names_for(base: str | Path | SDComponents | None, path: Path, keys: list[str
     if isinstance(base, SDComponents):
         return names_of(base)
     if base is None:
-        arch = _claimed_arch(keys, meta) or "sd1"
-        if arch not in ("sd1", "sd2", "sdxl", "sd1/sd2"):
-            raise ModelError(f"{path}: a LoRA for {arch}, which sdtune does not support")
-        if arch == "sd1/sd2":  # SD 2.x's text and cross-attention width is 1024, SD 1.x's 768
-            arch = "sd2" if _context_width(path) == 1024 else "sd1"
-        family = ModelFamily.parse(arch)
+        family = claimed_family(path, keys, meta)
         return _names_from_configs(family, shipped_configs(family))
     root = resolve_path(base)
     family = detect(root).family
@@ -103,6 +98,17 @@ def names_for(base: str | Path | SDComponents | None, path: Path, keys: list[str
         stored = _metadata(root) if root.suffix == ".safetensors" else {}
         configs = json.loads(stored["sdtune.configs"]) if "sdtune.configs" in stored else shipped_configs(family)
     return _names_from_configs(family, configs)
+
+
+def claimed_family(path: Path, keys: Sequence[str], meta: Mapping[str, str]) -> ModelFamily:
+    """The family a LoRA file is for: its metadata, else its key names (SD 1.x vs 2.x by the context width);
+    a file that says nothing is taken for SD 1.x."""
+    arch = _claimed_arch(keys, meta) or "sd1"
+    if arch not in ("sd1", "sd2", "sdxl", "sd1/sd2"):
+        raise ModelError(f"{path}: a LoRA for {arch}, which sdtune does not support")
+    if arch == "sd1/sd2":  # SD 2.x's text and cross-attention width is 1024, SD 1.x's 768
+        arch = "sd2" if _context_width(path) == 1024 else "sd1"
+    return ModelFamily.parse(arch)
 
 
 def _context_width(path: Path) -> int:

@@ -18,6 +18,7 @@ from sdtune.core.events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    RunWarning,
     SampleSaved,
     StepEnd,
     ValidationLoss,
@@ -121,6 +122,8 @@ class ConsoleProgress:
                 self.pending = event
         elif isinstance(event, ValidationLoss):
             self._print(f"step {event.step}: validation loss {event.loss:.5f}")
+        elif isinstance(event, RunWarning):
+            self.console.print(f"[yellow]warning:[/yellow] {escape(event.message)}", highlight=False, soft_wrap=True)
         elif isinstance(event, (CheckpointSaved, SampleSaved)):
             what = f"checkpoint {event.path}" if isinstance(event, CheckpointSaved) else f"previews {event.grid}"
             self._print(f"step {event.step}: {what}")

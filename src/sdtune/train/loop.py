@@ -34,6 +34,7 @@ from sdtune.core.events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    RunWarning,
     SampleSaved,
     StepEnd,
     ValidationLoss,
@@ -77,6 +78,8 @@ class Job(Protocol):
 
     # Optional: ``validation_loss() -> float | None``, the loss on held-out examples at fixed noise and timesteps
     # (``None``: no validation set). The loop calls it every ``train.validation_every_n_steps`` if a job has it.
+    # Optional: ``export_warnings``, lines about the last export (e.g. a LoRA key a target tool would drop); the loop
+    # writes them to events.log and emits them as ``RunWarning`` events after the final export.
     # Optional: ``data``, the :class:`~sdtune.data.dataset.ImageCaptionSet` it trains on; with images of several
     # sizes (aspect-ratio buckets) the loop draws every batch from one size and logs the bucket histogram.
 
@@ -418,6 +421,9 @@ def _train(
     if main:
         with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
             outputs = job.export(run.output, step)
+        for message in getattr(job, "export_warnings", ()):
+            run.log(f"warning: {message}")
+            bus.emit(RunWarning(step, message))
         run.log(f"finished at step {step} ({reason}); outputs: {', '.join(map(str, outputs))}")
     preview(step)
     train_seconds = time.perf_counter() - run_started - preview_seconds

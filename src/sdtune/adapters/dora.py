@@ -96,7 +96,9 @@ class InputDoraVariant(lora_layer.LoraVariant):
     ) -> torch.Tensor:
         """``result + W((c - 1) x) + s B A (c x)``: the adapted layer's output minus the base's, added."""
         base = module.get_base_layer()
-        scale = _per_input(InputDoraVariant._scale(module, active_adapter, base.weight), x.dim())
+        scale = InputDoraVariant._scale(module, active_adapter, base.weight)  # [in]: a Linear's last input axis
+        if isinstance(base, nn.Conv2d):
+            scale = _per_input(scale, x.dim())  # a convolution's channel axis 1
         x = module.lora_dropout[active_adapter](x)
         lora = module.lora_B[active_adapter](module.lora_A[active_adapter](x * scale))
         shifted = (x * (scale - 1)).to(base.weight.dtype)
@@ -143,6 +145,13 @@ class InputDoraConv2d(_InputDoraLayer, lora_layer.Conv2d):
 
     conv_fn = staticmethod(nn.functional.conv2d)  # peft sets it after ``update_layer``; the init needs it
     _output_dora = variants.DoraConv2dVariant
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``s * B @ A`` as a ``[out, in, kh, kw]`` weight: the matrix product of the flattened factors, which
+        equals peft's ``conv2d(A^T, B)`` (groups are 1 here) and is much faster on CPU; DoRA needs it per step."""
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        weight = self.get_base_layer().weight
+        return (b.flatten(1) @ a.flatten(1)).reshape(weight.shape) * self.scaling[adapter]
 
 
 INPUT_DORA_LAYERS = (InputDoraLinear, InputDoraConv2d)

@@ -9,6 +9,7 @@ if the file is ignored or half-read.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from peft import set_peft_model_state_dict as set_peft_state
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.dora import input_dora_config, is_input_dora
 from sdtune.core.errors import ModelError
 from sdtune.formats.hashes import addnet_hash
 from sdtune.formats.lora_files import (
@@ -61,7 +63,9 @@ ALGOS = {
             else {}
         ),
     ),
-    "dora": lambda t, a: LoraConfig(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False, use_dora=True),
+    # sdtune's DoRA (a magnitude per input column) and peft's (per output row: older files, LyCORIS' default)
+    "dora": lambda t, a: input_dora_config(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False),
+    "dora-out": lambda t, a: LoraConfig(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False, use_dora=True),
     "loha": lambda t, a: LoHaConfig(r=4, alpha=a, target_modules=t, init_weights=False),
     "lokr": lambda t, a: LoKrConfig(r=1, alpha=a, target_modules=t, init_weights=False),  # low-rank w2
     "lokr-full": lambda t, a: LoKrConfig(r=4, alpha=a, target_modules=t, init_weights=False),  # full w1, w2
@@ -80,7 +84,7 @@ def adapted(family: str, algo: str = "lora", unet_targets=LOCON):
     for c, module in components(model).items():
         inject_adapter_in_model(configs[c], module)
         for name, p in module.named_parameters():
-            if "lora_magnitude_vector" in name:  # DoRA starts at the weight norm; move away from it
+            if "magnitude" in name:  # DoRA starts at the weight norm; move away from it
                 p.data.mul_(1 + 0.5 * torch.rand_like(p))
     states = {c: get_peft_model_state_dict(m) for c, m in components(model).items()}
     return model, states, configs
@@ -181,7 +185,8 @@ def pipeline(model):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("family", "algo"), [("sd1", "lora"), ("sdxl", "lora"), ("sd1", "dora")])
+# sdtune's own DoRA reaches diffusers as a dense LoRA: tests/formats/test_tools_apply_exports.py
+@pytest.mark.parametrize(("family", "algo"), [("sd1", "lora"), ("sdxl", "lora"), ("sd1", "dora-out")])
 def test_diffusers_loads_kohya_and_peft_files(family: str, algo: str, tmp_path: Path) -> None:
     model, states, configs = adapted(family, algo)
     save_lora(tmp_path / "peft.safetensors", to_peft_diffusers(states, model.family), peft_diffusers_metadata(configs))
@@ -221,13 +226,16 @@ def named_view(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
     return root
 
 
-def lycoris_apply(model, tensors: dict[str, torch.Tensor]) -> None:
+def lycoris_apply(model, tensors: dict[str, torch.Tensor], wd_on_out: bool = True) -> None:
     """Build LyCORIS' network from the file's tensors and hook it into ``model``'s modules (forward path).
 
     LyCORIS matches names against ``named_modules()``: SD 1.x's diffusers UNet as is; transformers 5 text
     encoders get their ``text_model.`` root back; the SDXL UNet is shown in its SGM layout (what sd-scripts'
     ``sdxl_original_unet.py`` is), so for SDXL the UNet names are sdtune's rules, checked against diffusers above.
     LyCORIS 4.1.3's ``merge_to`` applies alpha/rank twice for LoHa/LoKr, so the forward path is compared.
+    ``wd_on_out=False``: LyCORIS' per-input-column DoRA; its ``create_network_from_weights`` has no way to ask for
+    it (``LoConModule.make_module_from_state_dict`` builds with the default ``wd_on_out=True`` and cannot copy a
+    ``[1, in]`` scale), so the modules it builds get the flag passed in.
     """
     lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="pip install lycoris-lora==4.1.3")
     network_cls = lycoris_kohya.LycorisNetworkKohya
@@ -244,10 +252,16 @@ def lycoris_apply(model, tensors: dict[str, torch.Tensor]) -> None:
     saved = list(network_cls.UNET_TARGET_REPLACE_NAME)
     network_cls.apply_preset({"unet_target_name": []})
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    from lycoris.modules.locon import LoConModule
+
+    init = LoConModule.__init__
+    if not wd_on_out:
+        LoConModule.__init__ = functools.partialmethod(init, wd_on_out=False)
     try:
         network, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, tes, unet, weights_sd=dict(tensors))
     finally:
         network_cls.apply_preset({"unet_target_name": saved})
+        LoConModule.__init__ = init
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in tensors})
     network.apply_to(tes, unet, apply_text_encoder=True, apply_unet=True)
 
@@ -258,15 +272,16 @@ def test_lycoris_loads_every_algorithm(family: str, algo: str, tmp_path: Path) -
     model, states, configs = adapted(family, algo)
     path = tmp_path / "lyco.safetensors"
     save_lora(path, to_kohya(states, configs, model.family, model.unet.config), {})
-    if algo == "dora":  # LyCORIS wd_on_out: one magnitude per output row, [out, 1] or [out, 1, 1, 1]
+    if algo.startswith("dora"):  # per input column [1, in(, 1, 1)] (sdtune's), per output row [out, 1(, 1, 1)]
         tensors = load_file(path)
         scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
         for key, scale in scales.items():
-            up = tensors[key.replace("dora_scale", "lora_up.weight")]
-            assert scale.shape == (up.shape[0], *[1] * (up.dim() - 1))
+            up, down = (tensors[key.replace("dora_scale", f"lora_{n}.weight")] for n in ("up", "down"))
+            ones = [1] * (up.dim() - 2)
+            assert scale.shape == ((up.shape[0], 1, *ones) if algo == "dora-out" else (1, down.shape[1], *ones))
         assert scales
     fresh = build_tiny(family)
-    lycoris_apply(fresh, load_file(path))
+    lycoris_apply(fresh, load_file(path), wd_on_out=algo != "dora")
     assert_same_model(fresh, model, build_tiny(family))
 
 
@@ -302,14 +317,22 @@ def test_from_kohya_rejects_another_family() -> None:
         from_kohya(tensors, sd1.family, sd1.unet.config, {"text_encoder": adaptable_module_names(sd1.text_encoders[0])})
 
 
-def test_from_kohya_rejects_per_input_dora_scale() -> None:
+def test_from_kohya_reads_both_dora_axes_and_refuses_other_scales() -> None:
     model, states, configs = adapted("sd1", "dora", UNET)
     tensors = to_kohya(states, configs, model.family, model.unet.config)
-    key = next(k for k in tensors if k.endswith("to_q.dora_scale"))
-    tensors[key] = torch.ones(1, tensors[key.replace("dora_scale", "lora_down.weight")].shape[1] * 2)
     names = {"text_encoder": adaptable_module_names(model.text_encoders[0])}
-    with pytest.raises(ModelError, match="per-input-column dora_scale"):
-        from_kohya(tensors, model.family, model.unet.config, names)
+    _, read = from_kohya(tensors, model.family, model.unet.config, names)
+    assert all(is_input_dora(c) for c in read.values())  # [1, in]: sdtune's per-input-column DoRA
+    old = to_kohya(*adapted("sd1", "dora-out", UNET)[1:], model.family, model.unet.config)
+    _, read = from_kohya(old, model.family, model.unet.config, names)
+    assert all(c.use_dora and not is_input_dora(c) for c in read.values())  # [out, 1]: peft's
+    key = next(k for k in tensors if k.startswith("lora_unet") and k.endswith("to_q.dora_scale"))
+    mixed = dict(tensors) | {key: old[key]}
+    with pytest.raises(ModelError, match="mixes per-input-column and per-output-row"):
+        from_kohya(mixed, model.family, model.unet.config, names)
+    wrong = dict(tensors) | {key: torch.ones(1, tensors[key].shape[1] * 2)}
+    with pytest.raises(ModelError, match=r"dora_scale of shape \(1, 16\)"):
+        from_kohya(wrong, model.family, model.unet.config, names)
 
 
 @pytest.mark.parametrize(
@@ -338,8 +361,8 @@ def test_layout_metadata_and_hash(algo: str, layout: str, module: str, tmp_path:
     assert json.loads(on_disk["ss_tag_frequency"]) == {"a": {"cat": 2}} and on_disk["ss_steps"] == "100"
     args = json.loads(on_disk["ss_network_args"])
     assert args.get("algo") == {"lora": None, "dora": "lora"}.get(algo, algo)
-    if algo == "dora":
-        assert args["dora_wd"] == "True" and args["wd_on_output"] == "True"
+    if algo == "dora":  # sdtune's DoRA is per input column
+        assert args["dora_wd"] == "True" and args["wd_on_output"] == "False"
     summary = lora_summary(path)
     assert summary["layout"] == layout and summary["algo"] == algo
     assert summary["modules"] == len({k.split(".")[0] for k in keys})

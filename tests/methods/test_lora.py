@@ -80,14 +80,18 @@ def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["sshs_model_hash"]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("file_format", ["kohya", "peft"])
+@pytest.mark.parametrize(
+    ("family", "file_format", "adapter"),
+    [("sd1", "kohya", "lora"), ("sdxl", "kohya", "lora"), ("sd1", "peft", "lora"), ("sdxl", "peft", "lora"),
+     ("sd1", "peft", "dora")],  # DoRA per input column: the PEFT file is its exact dense LoRA
+)  # fmt: skip
 def test_diffusers_load_lora_weights_reproduces_the_trained_model(
-    tmp_path, tiny_checkpoint, image_folder, family, file_format
+    tmp_path, tiny_checkpoint, image_folder, family, file_format, adapter
 ):
 
     path = tiny_checkpoint(family)
-    job, outputs = run_job(lora_config(tmp_path, path, image_folder, train_text_encoder=True, file_format=file_format))
+    cfg = lora_config(tmp_path, path, image_folder, train_text_encoder=True, file_format=file_format, adapter=adapter)
+    job, outputs = run_job(cfg)
     for module in job.components.values():
         module.eval()
     prompt = ["tag1, red, square"]
@@ -175,13 +179,15 @@ def test_pivotal_token_must_reach_the_prompts(tmp_path, tiny_checkpoint, image_f
         setup(cfg, Accelerator(cpu=True))
 
 
-def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny_checkpoint, image_folder):
+@pytest.mark.parametrize("adapter", ["lora", "dora"])  # DoRA: its magnitudes averaged and resumed too
+def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny_checkpoint, image_folder, adapter):
     from safetensors.torch import load_file
 
     from sdtune.core.events import StepEnd
 
     path = tiny_checkpoint("sd1")
     extra = {"ema": True, "ema_decay": 0.9, "file_format": "peft", "train": {"max_steps": 4}, "optimizer": {"lr": 5e-2}}
+    extra["adapter"] = adapter
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, name="whole", **extra))
     whole = load_file(tmp_path / "runs" / "whole" / "checkpoints" / "step-4" / "trainable.safetensors")
     ema_keys = [k for k in whole if k.startswith("ema.unet.")]

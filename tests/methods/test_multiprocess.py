@@ -10,7 +10,6 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-
 METHODS = {
     "textual_inversion": {
         "method": "textual_inversion",

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtune.adapters.dora import input_dora_config
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_files import (
     kohya_metadata,
@@ -48,7 +49,11 @@ TOL = 1e-5
 KINDS = {  # (peft config from targets and alpha, UNet targets)
     "lora": (lambda t, a: LoraConfig(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False), UNET),
     "locon": (lambda t, a: LoraConfig(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False), LOCON),
-    "dora": (
+    "dora": (  # sdtune's DoRA: a magnitude per input column
+        lambda t, a: input_dora_config(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False),
+        LOCON,
+    ),
+    "dora-out": (  # peft's DoRA, per output row: older sdtune files and LyCORIS' default
         lambda t, a: LoraConfig(r=4, lora_alpha=a, target_modules=t, init_lora_weights=False, use_dora=True),
         LOCON,
     ),
@@ -70,14 +75,18 @@ def write_lora(base, kind: str, path: Path, seed: int = 1, layout: str = "kohya"
     for c, module in parts(model).items():
         inject_adapter_in_model(configs[c], module)
         for name, p in module.named_parameters():
-            if "lora_magnitude_vector" in name:  # DoRA starts at the weight norm; move away from it
+            if "magnitude" in name:  # DoRA starts at the weight norm; move away from it
                 p.data.mul_(1 + 0.5 * torch.rand_like(p))
     states = {c: get_peft_model_state_dict(m) for c, m in parts(model).items()}
     if layout == "peft":
         save_lora(path, to_peft_diffusers(states, model.family), peft_diffusers_metadata(configs))
     else:
         tensors = to_kohya(states, configs, model.family, model.unet.config)
-        save_lora(path, tensors, kohya_metadata(model.family, kind, 4, 8, conv_rank=4 if kind != "lora" else None))
+        algo = kind.removesuffix("-out")
+        meta = kohya_metadata(
+            model.family, algo, 4, 8, conv_rank=4 if kind != "lora" else None, dora_on_output=kind == "dora-out"
+        )
+        save_lora(path, tensors, meta)
     return model
 
 
@@ -245,17 +254,37 @@ def test_extract_recovers_the_lora(tiny_model, base_file, tmp_path: Path) -> Non
 # --- convert -----------------------------------------------------------------------------------------
 
 
-def test_convert_round_trip(tiny_model, base_file, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["dora", "dora-out"])
+def test_convert_round_trip(kind: str, tiny_model, base_file, tmp_path: Path) -> None:
     base = tiny_model("sd1")
     kohya = tmp_path / "dora.safetensors"
-    write_lora(base, "dora", kohya)
+    write_lora(base, kind, kohya)
     peft = convert_lora(kohya, "peft", tmp_path / "peft.safetensors", base=base_file("sd1"))
     assert lora_summary(peft)["layout"] == "peft"
     assert read_lora(peft, base)[3] == "peft"
     assert_close(outputs(applied(base, (peft, 1.0))), outputs(applied(base, (kohya, 1.0))))
     back = convert_lora(peft, "kohya", tmp_path / "back.safetensors", base=base)
     want, got = load_file(kohya), load_file(back)
-    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k]) for k in want)
+    if kind == "dora-out":  # peft's DoRA is DoRA in both layouts
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k]) for k in want)
+    else:  # per input column: the PEFT file is the exact dense LoRA of the merged delta, and stays that
+        assert lora_summary(peft)["algo"] == lora_summary(back)["algo"] == "lora"
+        assert_close(outputs(applied(base, (back, 1.0))), outputs(applied(base, (kohya, 1.0))))
+        with pytest.raises(ModelError) as exc:  # the dense delta needs the base weights
+            convert_lora(kohya, "peft", tmp_path / "no-base.safetensors")
+        one_line_naming(exc, kohya, "base")
+
+
+def test_input_dora_after_another_file_on_the_same_layers_is_refused(tiny_model, tmp_path: Path) -> None:
+    base = tiny_model("sd1")
+    lora, dora = tmp_path / "lora.safetensors", tmp_path / "dora.safetensors"
+    write_lora(base, "lora", lora)
+    write_lora(base, "dora", dora, seed=2)
+    with pytest.raises(ModelError) as exc:  # peft would reuse the plain layer and make it a per-row DoRA
+        applied(base, (lora, 1.0), (dora, 1.0))
+    one_line_naming(exc, dora, "apply or merge it first")
+    # the other order works: sdtune's DoRA layers take a plain LoRA file on top (test_merge_loras_stacks...)
+    assert_differs(outputs(applied(base, (dora, 1.0), (lora, 1.0))), outputs(applied(base, (dora, 1.0))))
 
 
 # --- 5. errors ---------------------------------------------------------------------------------------

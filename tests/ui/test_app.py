@@ -51,7 +51,6 @@ def test_runs_and_the_runs_folder_must_be_inside_the_roots(tmp_path):
 
 def test_the_train_page_estimates_the_form_as_it_changes(tmp_path, tiny_model):
     from image_folders import write_image_folder
-
     from sdtune.models.loading import save_model
     from sdtune.ui.forms import config_to_values
 

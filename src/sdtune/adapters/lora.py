@@ -1,7 +1,9 @@
 """The LoRA family through peft: one vocabulary (build config, inject, check, state) for every adapter kind.
 
 - ``lora``: low-rank ``B @ A`` on Linear layers (Hu et al. 2021)
-- ``dora``: LoRA with a learned per-output-row magnitude (Liu et al. 2024), peft's ``use_dora``
+- ``dora``: LoRA with a learned magnitude per *input column* (Liu et al. 2024), the convention A1111, ComfyUI and
+  InvokeAI apply (``dora_scale`` ``[1, in]``); peft's ``use_dora`` normalises output rows instead, so the layers
+  are sdtune's (:mod:`sdtune.adapters.dora`) inside peft's LoRA machinery
 - ``locon``: LoRA on the convolutions too (LyCORIS' name for it); the targets decide, see ``models.targets``
 - ``loha``: Hadamard product of two low-rank products (LyCORIS LoHa), peft ``LoHaConfig``
 - ``lokr``: Kronecker product with a low-rank factor (LyCORIS LoKr), peft ``LoKrConfig``
@@ -17,6 +19,8 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from sdtune.adapters.dora import input_dora_config
 
 AdapterKind = Literal["lora", "dora", "locon", "loha", "lokr"]
 
@@ -36,13 +40,9 @@ def peft_config(
     alpha_pattern = {name: conv_alpha for name in conv_modules} if conv_alpha else {}
     common = {"r": rank, "target_modules": list(targets), "rank_pattern": rank_pattern}
     if kind in ("lora", "dora", "locon"):
-        return LoraConfig(
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            use_dora=kind == "dora",
-            alpha_pattern=alpha_pattern,
-            init_lora_weights=True,
-            **common,
+        make = input_dora_config if kind == "dora" else LoraConfig
+        return make(
+            lora_alpha=alpha, lora_dropout=dropout, alpha_pattern=alpha_pattern, init_lora_weights=True, **common
         )
     if kind == "loha":
         return LoHaConfig(alpha=alpha, module_dropout=dropout, alpha_pattern=alpha_pattern, init_weights=True, **common)

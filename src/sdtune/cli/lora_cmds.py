@@ -104,7 +104,9 @@ def convert(
     file: Path = typer.Argument(..., help="A LoRA .safetensors file."),
     to: str = typer.Option(..., "--to", help="kohya (A1111, ComfyUI) or peft (diffusers load_lora_weights)."),
     out: Path = typer.Option(..., "--out", help="Output file."),
-    base: str | None = typer.Option(None, help="The model it is for (module names); default: the real model."),
+    base: str | None = typer.Option(
+        None, help="The model it is for (module names; a DoRA to peft needs its weights); default: the real model."
+    ),
 ) -> None:
     """Convert a LoRA file between the kohya/LyCORIS and diffusers PEFT layouts."""
     from sdtune.tools.lora_tools import convert_lora

@@ -14,10 +14,14 @@ Tensor conventions (kohya ``networks/lora.py``; LyCORIS ``lycoris/modules/{locon
 - LoRA/LoCon: ``lora_down`` = PEFT ``lora_A`` (``[r, in]`` or conv ``[r, in, k, k]``), ``lora_up`` = ``lora_B``
   (``[out, r]`` or ``[out, r, 1, 1]``), ``alpha`` a 0-dim float; the update is ``alpha / r * up @ down``, so a
   PEFT scale ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) is written as ``alpha = s * r``.
-- DoRA: LyCORIS ``dora_scale`` with ``wd_on_out=True`` (its default, and what its loader assumes): the
-  magnitude of each *output* row, shape ``[out, 1]`` (conv ``[out, 1, 1, 1]``) — PEFT's
-  ``lora_magnitude_vector`` (``[out]``, conv ``[1, out, 1, 1]``) reshaped. The older per-input-column
-  ``[1, in]`` convention (A1111's ``network.py``) is a different parametrisation and cannot be converted to.
+- DoRA: ``dora_scale`` is the magnitude of each *input column*, shape ``[1, in]`` (conv ``[1, in, 1, 1]``), what
+  A1111, ComfyUI and InvokeAI apply and LyCORIS with ``wd_on_output=False`` (sdtune's ``lora_input_magnitude``,
+  :mod:`sdtune.adapters.dora`). Files with a per-*output*-row ``[out, 1]`` (conv ``[out, 1, 1, 1]``) scale
+  (LyCORIS' default ``wd_on_output=True``, sdtune before the change) still load, as peft's ``use_dora``
+  (``lora_magnitude_vector``); the shape tells the two apart.
+  diffusers/peft know only the output-row DoRA, and a per-input-column DoRA's merged delta
+  ``W (D - I) + s B A D`` is not low-rank, so the PEFT layout gets it as a plain LoRA whose ``B @ A`` is that
+  delta exactly (:func:`dense_lora_from_dora`; rank ``min(out, in * k * k)``, a larger file).
 - LoHa: ``hada_w1_a [out, r]``, ``hada_w1_b [r, in*k*k]`` (same for ``w2``): PEFT's names and shapes.
 - LoKr: ``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b`` with PEFT's (= LyCORIS') factorisation.
   When both factors are full matrices, LyCORIS, A1111 and ComfyUI ignore ``alpha`` (scale 1), so the PEFT scale
@@ -35,8 +39,11 @@ from typing import Any
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.tuners.lokr.layer import factorization
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import get_pattern_key
+from torch import nn
 
+from sdtune.adapters.dora import MAGNITUDE, input_dora_config, input_dora_weight, is_input_dora
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_keys import clip_module_path, kohya_module_name, kohya_name_table, unet_module_names_for
 from sdtune.formats.lora_metadata import (  # re-exported: the LoRA file API lives here
@@ -52,6 +59,7 @@ from sdtune.formats.lora_metadata import (  # re-exported: the LoRA file API liv
 from sdtune.models.family import ModelFamily
 
 __all__ = [
+    "dense_lora_from_dora",
     "detect_lora_layout",
     "from_kohya",
     "kohya_metadata",
@@ -107,9 +115,7 @@ def to_kohya(
                 out[f"{name}.lora_up.weight"] = p["lora_B.weight"]
                 alpha = _peft_scale(config, path, rank) * rank
                 if algo == "dora":
-                    up = p["lora_B.weight"]
-                    magnitude = p.get("lora_magnitude_vector", p.get("lora_magnitude_vector.weight"))
-                    out[f"{name}.dora_scale"] = magnitude.reshape(-1, *[1] * (up.dim() - 1))
+                    out[f"{name}.dora_scale"] = _dora_scale(p)
             elif algo == "loha":
                 rank = p["hada_w1_b"].shape[0]
                 out.update({f"{name}.{k}": v for k, v in p.items()})
@@ -125,6 +131,16 @@ def to_kohya(
                     alpha = scale * low_rank.shape[1]
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
+
+
+def _dora_scale(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """kohya ``dora_scale`` of one module's PEFT DoRA tensors: ``[1, in(, 1, 1)]`` per input column (sdtune's),
+    ``[out, 1(, 1, 1)]`` per output row (peft's ``lora_magnitude_vector``, ``[out]`` or conv ``[1, out, 1, 1]``)."""
+    dims = p["lora_B.weight"].dim()
+    if MAGNITUDE in p:
+        return p[MAGNITUDE].reshape(1, -1, *[1] * (dims - 2))
+    magnitude = p.get("lora_magnitude_vector", p.get("lora_magnitude_vector.weight"))
+    return magnitude.reshape(-1, *[1] * (dims - 1))
 
 
 def from_kohya(
@@ -189,6 +205,7 @@ def _lora_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: st
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    axes: set[str] = set()
     for path, p in modules.items():
         if any(k in p for k in ("lora_mid.weight", "hada_t1")):
             raise ModelError(f"'{path}' uses LyCORIS' Tucker (CP) decomposition, which sdtune does not convert")
@@ -201,20 +218,43 @@ def _lora_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: st
             state[f"{path}.lora_A.weight"] = p["lora_down.weight"]
             state[f"{path}.lora_B.weight"] = up
             if algo == "dora":
-                scale = p["dora_scale"]
-                if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:
-                    raise ModelError(
-                        f"'{path}' has a per-input-column dora_scale {tuple(scale.shape)} (old LyCORIS "
-                        "wd_on_output=False); PEFT's DoRA normalises output rows and cannot load it"
-                    )
-                shape = (-1,) if up.dim() == 2 else (1, -1, *[1] * (up.dim() - 2))
-                state[f"{path}.lora_magnitude_vector"] = scale.reshape(shape)
+                axis = _dora_param(path, p)
+                state[f"{path}.{axis}"] = _dora_magnitude(path, p)
+                axes.add(axis)
         alphas[path] = _alpha(p, ranks[path])
     kwargs = _config_kwargs(ranks, alphas)
     if algo == "loha":
         return state, LoHaConfig(**kwargs)
     kwargs["lora_alpha"] = kwargs.pop("alpha")
+    if len(axes) > 1:
+        raise ModelError("the file mixes per-input-column and per-output-row dora_scale; PEFT needs one per model part")
+    if axes == {MAGNITUDE}:
+        return state, input_dora_config(**kwargs)
     return state, LoraConfig(**kwargs, use_dora=algo == "dora")
+
+
+def _dora_param(path: str, p: Mapping[str, torch.Tensor]) -> str:
+    """Which DoRA a kohya ``dora_scale`` is: ``[1, in(, 1, 1)]`` per input column (sdtune's DoRA, A1111, ComfyUI,
+    InvokeAI, LyCORIS ``wd_on_output=False``) or ``[out, 1(, 1, 1)]`` per output row (peft, LyCORIS' default)."""
+    scale, up, down = p["dora_scale"], p["lora_up.weight"], p["lora_down.weight"]
+    ones = [1] * (up.dim() - 2)
+    if tuple(scale.shape) == (1, down.shape[1], *ones):
+        return MAGNITUDE
+    if tuple(scale.shape) == (up.shape[0], 1, *ones):
+        return "lora_magnitude_vector"
+    raise ModelError(
+        f"'{path}' has a dora_scale of shape {tuple(scale.shape)}; expected {(1, down.shape[1], *ones)} (per input "
+        f"column) or {(up.shape[0], 1, *ones)} (per output row)"
+    )
+
+
+def _dora_magnitude(path: str, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The PEFT magnitude tensor of a kohya ``dora_scale``: ``[in]`` (sdtune's), or peft's ``[out]`` / conv
+    ``[1, out, 1, 1]``."""
+    scale, dims = p["dora_scale"], p["lora_up.weight"].dim()
+    if _dora_param(path, p) == MAGNITUDE:
+        return scale.flatten()
+    return scale.reshape((-1,) if dims == 2 else (1, -1, *[1] * (dims - 2)))
 
 
 def _lokr_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: str) -> tuple[dict, PeftConfig]:
@@ -272,6 +312,11 @@ def to_peft_diffusers(states: Mapping[str, Mapping[str, torch.Tensor]], family: 
             path, param = split_param(key, PEFT_PARAM_NAMES)
             if param.startswith(("hada_", "lokr_")):
                 raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+            if param == MAGNITUDE:
+                raise ModelError(
+                    "diffusers' DoRA normalises output rows, sdtune's input columns: write the PEFT layout from "
+                    "dense_lora_from_dora (an exact plain LoRA)"
+                )
             if param == "lora_magnitude_vector":
                 # PEFT files name it without ``.weight`` and peft adds it on load; transformers 5's
                 # ``load_adapter`` (diffusers' text-encoder path) does not, and peft accepts both.
@@ -288,6 +333,58 @@ def peft_diffusers_metadata(configs: Mapping[str, PeftConfig]) -> dict[str, str]
     for component, config in configs.items():
         if not isinstance(config, LoraConfig):
             raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+        if is_input_dora(config):
+            raise ModelError(
+                "a per-input-column DoRA config would load as diffusers' output-row DoRA; use the "
+                "configs of dense_lora_from_dora"
+            )
         for key, value in config.to_dict().items():
             packed[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value
     return {"lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
+
+
+def dense_lora_from_dora(
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    configs: Mapping[str, PeftConfig],
+    base: Mapping[str, nn.Module],
+) -> tuple[States, dict[str, PeftConfig]]:
+    """Per-input-column DoRA states as plain-LoRA states and configs for diffusers' PEFT layout, exactly.
+
+    Per module the merged delta ``(W + s B A) diag(m / ||W + s B A||_col) - W`` (float64, ``W`` the base weight of
+    that module in ``base[component]``) is written as ``B @ A`` with scale 1: ``B`` the identity and ``A`` the
+    delta, or ``A`` the identity and ``B`` the delta, whichever is smaller (rank ``min(out, in * k * k)``), so
+    ``pipe.load_lora_weights`` gives sdtune's merged weights. Components without that DoRA pass unchanged.
+    """
+    out_states: States = {}
+    out_configs: dict[str, PeftConfig] = {}
+    for component, state in states.items():
+        config = configs[component]
+        if not is_input_dora(config):
+            out_states[component], out_configs[component] = dict(state), config
+            continue
+        dense: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for path, p in _group(state, PEFT_PARAM_NAMES).items():
+            layer = base[component].get_submodule(path)
+            weight = (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight.detach()
+            weight = weight.double().cpu()
+            a, b = p["lora_A.weight"].double(), p["lora_B.weight"].double()
+            rank = a.shape[0]
+            delta = _peft_scale(config, path, rank) * (b.reshape(-1, rank) @ a.reshape(rank, -1))
+            merged = input_dora_weight(weight, delta.reshape(weight.shape), p[MAGNITUDE].double())
+            full = (merged - weight).reshape(weight.shape[0], -1)
+            r = min(full.shape)
+            down, up = (full, torch.eye(r)) if full.shape[0] == r else (torch.eye(r), full)
+            kernel = [1] * (weight.dim() - 2)
+            dtype = p["lora_A.weight"].dtype
+            dense[f"{path}.lora_A.weight"] = down.reshape(r, *weight.shape[1:]).to(dtype)
+            dense[f"{path}.lora_B.weight"] = up.reshape(weight.shape[0], r, *kernel).to(dtype)
+            ranks[path.removeprefix("text_model.")] = r  # a suffix pattern matches with or without the root
+        common = collections.Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {k: v for k, v in ranks.items() if v != common}
+        out_states[component] = dense
+        out_configs[component] = LoraConfig(
+            r=common, lora_alpha=common, target_modules=config.target_modules, rank_pattern=pattern,
+            alpha_pattern=pattern,
+        )  # fmt: skip
+    return out_states, out_configs

@@ -6,8 +6,9 @@ Conventions and where they come from:
   ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_args`` as ``json.dumps`` of the ``--network_args``
   strings, ``ss_base_model_version``, ``ss_v2``). LyCORIS files are trained through the same script with
   ``--network_module lycoris.kohya`` (LyCORIS ``README``), e.g. ``{"algo": "loha"}``; DoRA is LyCORIS'
-  ``dora_wd=True`` (``lycoris/kohya.py``), with ``wd_on_output`` (its default ``True``) saying which axis
-  ``dora_scale`` normalises.
+  ``dora_wd=True`` (``lycoris/kohya.py``), with ``wd_on_output`` saying which axis ``dora_scale`` normalises:
+  sdtune's DoRA is per input column (``False``, what A1111/ComfyUI/InvokeAI apply); LyCORIS' default and
+  peft's are per output row (``True``).
 - ``modelspec.*``: Stability's model-spec 1.0.0 as sd-scripts' ``library/sai_model_spec.py`` writes it
   (``<architecture>/lora``; sdtune writes ``/lycoris`` for algorithms only LyCORIS readers load).
 - ``sshs_model_hash`` / ``sshs_legacy_hash``: sd-scripts ``train_util.precalculate_safetensors_hashes``: the
@@ -50,6 +51,7 @@ KOHYA_PARAM_NAMES = (*LORA_KEYS, "alpha", *LYCORIS_ONLY_KEYS)
 # PEFT adapter state-dict names after the module path (peft get_peft_model_state_dict).
 PEFT_PARAM_NAMES = (
     "lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+    "lora_input_magnitude",  # sdtune's per-input-column DoRA (sdtune.adapters.dora)
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
 )  # fmt: skip
@@ -70,7 +72,7 @@ def module_algo(params: Iterable[str]) -> Algo:
         return "loha"
     if any(n.startswith("lokr_") for n in names):
         return "lokr"
-    if names & {"dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight"}:
+    if names & {"dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_input_magnitude"}:
         return "dora"
     return "lora"
 
@@ -97,8 +99,12 @@ def kohya_metadata(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     title: str = "",
+    dora_on_output: bool = False,
 ) -> dict[str, str]:
-    """The ``ss_*`` and ``modelspec.*`` metadata sd-scripts writes, plus ``extra`` (all values strings)."""
+    """The ``ss_*`` and ``modelspec.*`` metadata sd-scripts writes, plus ``extra`` (all values strings).
+
+    ``dora_on_output``: the DoRA magnitude is per output row (peft's, old sdtune files) instead of per input column.
+    """
     if algo not in ALGOS:
         raise ModelError(f"unknown LoRA algorithm '{algo}'; use one of {', '.join(ALGOS)}")
     lycoris = algo in ("dora", "loha", "lokr")
@@ -109,7 +115,7 @@ def kohya_metadata(
         args["conv_dim"] = str(conv_rank)
         args["conv_alpha"] = str(float(conv_alpha if conv_alpha is not None else conv_rank))
     if algo == "dora":
-        args |= {"dora_wd": "True", "wd_on_output": "True"}
+        args |= {"dora_wd": "True", "wd_on_output": str(dora_on_output)}
     arch = family.modelspec_architecture + ("/lycoris" if lycoris else "/lora")
     resolution = family.resolution
     meta = {

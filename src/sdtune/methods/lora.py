@@ -11,8 +11,9 @@ Recipe:
 5. EMA (``ema: true``): an exponential moving average of the adapter weights, as the full fine-tune keeps of its
    weights; previews, the validation loss and export use it, checkpoints hold it;
 6. export: one ``.safetensors`` in kohya/LyCORIS keys with ``ss_*`` and ``modelspec.*`` metadata (A1111, ComfyUI,
-   InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``); then every target tool's key map is checked on it
-   (header only) and ``compatibility.json`` written beside it, with a warning for each tool that would drop or
+   InvokeAI), or in PEFT/diffusers keys (``load_lora_weights``; a DoRA, per input column, as the exact plain LoRA
+   of its merged delta, since diffusers' DoRA is per output row); then every target tool's key map is checked on
+   it (header only) and ``compatibility.json`` written beside it, with a warning for each tool that would drop or
    misapply a key.
 Pivotal tuning (``token:``): a new word's embedding trains with its own learning rate alongside the adapters,
 is frozen after ``token_train_fraction`` of the steps, and is exported as embedding files next to the LoRA.
@@ -43,6 +44,7 @@ from sdtune.formats import tool_keys
 from sdtune.formats.embeddings import Embedding, save_a1111_pt, save_safetensors
 from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
+    dense_lora_from_dora,
     kohya_metadata,
     peft_diffusers_metadata,
     save_lora,
@@ -277,13 +279,16 @@ class LoraJob:
         cfg, family = self.cfg, self.model.family
         dtype = torch_dtype(cfg.save.dtype)
         with self.averaged():
-            states = {name: cast_floats(adapter_state(module), dtype) for name, module in self.components.items()}
+            states = {name: adapter_state(module) for name, module in self.components.items()}
         path = Path(out_dir) / f"{cfg.name}.safetensors"
         outputs = [path] + self._export_token(Path(out_dir), step)
-        if cfg.file_format == "peft":
-            save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(self.peft_configs))
+        if cfg.file_format == "peft":  # DoRA per input column: diffusers gets the exact dense LoRA of its delta
+            states, configs = dense_lora_from_dora(states, self.peft_configs, self.components)
+            states = {name: cast_floats(state, dtype) for name, state in states.items()}
+            save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(configs))
             self._check_compatibility([path])
             return outputs
+        states = {name: cast_floats(state, dtype) for name, state in states.items()}
         training = {
             "ss_output_name": cfg.name,
             "ss_steps": step,

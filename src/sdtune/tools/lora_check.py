@@ -54,9 +54,7 @@ def modules_of(model: SDComponents) -> tuple[ModelModules, int]:
     return model_modules(model.modules(), model.family), int(model.unet.config.layers_per_block)
 
 
-def check_file(
-    path: str | Path, targets: Iterable[str] = TARGETS, model: SDComponents | None = None
-) -> dict[str, Any]:
+def check_file(path: str | Path, targets: Iterable[str] = TARGETS, model: SDComponents | None = None) -> dict[str, Any]:
     """Check one LoRA file for ``targets``: ``{"file", "family", "layout", "algo", "ok", "targets": {name:
     TargetReport}}``. Module names come from ``model``, else from the real model of the family the file claims."""
     path = Path(path)
@@ -90,5 +88,12 @@ def _algo(keys: list[str], layout: str) -> str:
     return "+".join(sorted({module_algo(p) for p in params.values()}))
 
 
-__all__ = ["as_json", "check_file", "parse_targets", "real_model_modules", "modules_of", "warnings_of",
-           "write_compatibility"]
+__all__ = [
+    "as_json",
+    "check_file",
+    "parse_targets",
+    "real_model_modules",
+    "modules_of",
+    "warnings_of",
+    "write_compatibility",
+]

@@ -5,8 +5,9 @@ What each tool mirrors:
 
 - :func:`merge_loras` / :func:`merge_into`: kohya-ss/sd-scripts ``networks/merge_lora.py`` (``merge_to``: every
   LoRA's delta times its ratio added to the base weights, one file after another, then saved as a model).
-  A weight ``w`` always means ``W + w * (W_adapted - W)``; for DoRA that is what LyCORIS, A1111 and ComfyUI
-  do with a strength, represented exactly in PEFT by rescaling ``lora_B`` rows and the magnitude.
+  A weight ``w`` always means ``W + w * (W_adapted - W)``; for DoRA that is what LyCORIS, A1111, ComfyUI and
+  InvokeAI do with a strength, represented exactly in PEFT by rescaling ``lora_A`` columns (per-input-column DoRA)
+  or ``lora_B`` rows (per-output-row) and the magnitude.
 - :func:`resize_lora` / :func:`extract_lora` (SVD, in :mod:`sdtune.tools.lora_svd`): ``networks/resize_lora.py``
   and ``networks/extract_lora_from_models.py``.
 - :func:`convert_lora`: between the kohya/LyCORIS layout and diffusers' PEFT layout
@@ -26,10 +27,19 @@ from typing import Literal
 
 import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sdtune.adapters.dora import INPUT_DORA_LAYERS, MAGNITUDE, column_norm, is_input_dora
 from sdtune.core.errors import ModelError
-from sdtune.formats.lora_files import from_kohya, kohya_metadata, peft_diffusers_metadata, save_lora, to_peft_diffusers
+from sdtune.formats.lora_files import (
+    dense_lora_from_dora,
+    from_kohya,
+    kohya_metadata,
+    peft_diffusers_metadata,
+    save_lora,
+    to_peft_diffusers,
+)
 from sdtune.formats.lora_metadata import KOHYA_PARAM_NAMES, PEFT_PARAM_NAMES, module_algo
 from sdtune.models.components import SDComponents
 from sdtune.models.loading import load_model, save_model
@@ -59,31 +69,47 @@ def _adapter_names(layer: BaseTunerLayer) -> list[str]:
 
 
 def _scale_dora(layer: BaseTunerLayer, adapter: str, weight: float) -> None:
-    """Make DoRA ``adapter`` compute ``W + weight * (W_dora - W)`` (LyCORIS/A1111/ComfyUI's strength).
+    """Make DoRA ``adapter`` compute ``W + weight * (W_dora - W)`` (A1111/ComfyUI/InvokeAI/LyCORIS' strength).
 
-    Row ``i`` of that is ``k_i * (W_i + s * c_i * weight / k_i * (BA)_i)`` with ``c_i = m_i / |W_i + s (BA)_i|``
-    and ``k_i = 1 - weight + weight * c_i``: again a DoRA update, with ``B``'s row ``i`` times
-    ``weight * c_i / k_i`` and magnitude ``k_i * |W_i + s (B'A)_i|``. PEFT's scale alone would change the
-    direction only, not interpolate.
+    Per input column ``j`` (sdtune's DoRA, :mod:`sdtune.adapters.dora`) that is
+    ``k_j * (W_j + s * c_j * weight / k_j * (BA)_j)`` with ``c_j = m_j / |W_j + s (BA)_j|`` and
+    ``k_j = 1 - weight + weight * c_j``: again that DoRA, with ``A``'s column ``j`` times ``weight * c_j / k_j``
+    and magnitude ``k_j * |W_j + s (BA')_j|``. Per output row (peft's DoRA, older files) the same holds with rows
+    for columns and ``B``'s rows scaled. PEFT's scale alone would change the direction only, not interpolate.
     """
+    per_input = adapter in getattr(layer, MAGNITUDE, {})
     base = layer.get_base_layer().weight.detach().double()
     b, a = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
-    magnitude = layer.lora_magnitude_vector[adapter].weight
-    s, dims, rank = layer.scaling[adapter], tuple(range(1, base.dim())), a.shape[0]
+    scaled = a if per_input else b  # the factor whose columns (rows) the strength rescales
+    magnitude = getattr(layer, MAGNITUDE)[adapter] if per_input else layer.lora_magnitude_vector[adapter].weight
+    s, rank = layer.scaling[adapter], a.shape[0]
 
-    def adapted(b_: torch.Tensor) -> torch.Tensor:
-        return base + s * (b_.reshape(-1, rank).double() @ a.reshape(rank, -1).double()).reshape(base.shape)
+    def adapted(factor: torch.Tensor) -> torch.Tensor:
+        a_, b_ = (factor, b) if per_input else (a, factor)
+        return base + s * (b_.reshape(-1, rank).double() @ a_.reshape(rank, -1).double()).reshape(base.shape)
 
-    c = magnitude.detach().double().flatten() / torch.linalg.vector_norm(adapted(b), dim=dims)
+    def norm(w: torch.Tensor) -> torch.Tensor:
+        return column_norm(w) if per_input else torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())))
+
+    c = magnitude.detach().double().flatten() / norm(adapted(scaled))
     k = 1 - weight + weight * c
-    k = torch.where(k.abs() < 1e-8, torch.full_like(k, 1e-8), k)  # a row that interpolates to exactly zero
-    factor = (weight * c / k).reshape(-1, *[1] * (b.dim() - 1))
-    new_b = b.detach().double() * factor
+    k = torch.where(k.abs() < 1e-8, torch.full_like(k, 1e-8), k)  # a column/row that interpolates to exactly zero
+    shape = (1, -1, *[1] * (a.dim() - 2)) if per_input else (-1, *[1] * (b.dim() - 1))
+    new = scaled.detach().double() * (weight * c / k).reshape(shape)
     with torch.no_grad():
-        b.copy_(new_b.to(b.dtype))
-        magnitude.copy_(
-            (k * torch.linalg.vector_norm(adapted(new_b), dim=dims)).reshape(magnitude.shape).to(magnitude.dtype)
-        )
+        scaled.copy_(new.to(scaled.dtype))
+        magnitude.copy_((k * norm(adapted(new))).reshape(magnitude.shape).to(magnitude.dtype))
+
+
+def _check_input_dora_layers(path: str | Path, module: torch.nn.Module, adapter: str) -> None:
+    """A per-input-column DoRA added to a layer an earlier file made a plain peft LoRA layer would become peft's
+    per-output-row DoRA there (peft reuses the existing layer): refuse instead of applying the wrong formula."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A and not isinstance(layer, INPUT_DORA_LAYERS):
+            raise ModelError(
+                f"{path}: this DoRA (per input column) cannot be applied after another LoRA file that adapts the same "
+                f"layer ('{name}'); apply or merge it first"
+            )
 
 
 def apply_lora(components: SDComponents, path: str | Path, weight: float = 1.0) -> None:
@@ -103,6 +129,8 @@ def apply_lora(components: SDComponents, path: str | Path, weight: float = 1.0) 
         with warnings.catch_warnings():  # "already found a peft_config": several adapters are what we want
             warnings.simplefilter("ignore")
             inject_adapter_in_model(configs[component], module, adapter_name=adapter)
+        if is_input_dora(configs[component]):
+            _check_input_dora_layers(path, module, adapter)
         result = set_peft_model_state_dict(module, state, adapter_name=adapter)
         if result.unexpected_keys:
             raise ModelError(f"{path}: {component} tensors not loaded, e.g. '{result.unexpected_keys[0]}'")
@@ -178,7 +206,9 @@ def convert_lora(
     """Write the LoRA at ``path`` in the kohya/LyCORIS layout or diffusers' PEFT layout (LoRA and DoRA only).
 
     ``base`` (a model or a model path; only its configs are read) gives the module names; without it, the
-    real model of the family the file is for.
+    real model of the family the file is for. A per-input-column DoRA (sdtune's) goes to the PEFT layout as the
+    exact plain LoRA of its merged delta (:func:`sdtune.formats.lora_files.dense_lora_from_dora`), which needs
+    ``base``'s weights.
     """
     path, out = Path(path), Path(out)
     if to not in ("kohya", "peft"):
@@ -200,12 +230,20 @@ def convert_lora(
             algo = "dora" if "dora" in algos else "locon" if conv else "lora"
             rank = collections.Counter(int(p["lora_down.weight"].shape[0]) for p in modules).most_common(1)[0][0]
             alpha = collections.Counter(float(p["alpha"]) for p in modules).most_common(1)[0][0]
-            metadata |= kohya_metadata(names.family, algo, rank, alpha)
+            metadata |= kohya_metadata(names.family, algo, rank, alpha, dora_on_output=True)  # PEFT: output rows
         save_lora(out, tensors, metadata)
         return out
     try:
         states, configs = from_kohya(tensors, names.family, names.unet_config, names.module_names)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+    if any(is_input_dora(c) for c in configs.values()):  # diffusers has no such DoRA: the exact dense LoRA
+        if base is None:
+            raise ModelError(
+                f"{path}: a per-input-column DoRA becomes a plain LoRA of its merged delta in the PEFT layout, which "
+                "needs the base model's weights; give the model it was trained on as base"
+            )
+        model = base if isinstance(base, SDComponents) else load_model(base)
+        states, configs = dense_lora_from_dora(states, configs, model.modules())
     save_lora(out, to_peft_diffusers(states, names.family), metadata | peft_diffusers_metadata(configs))
     return out

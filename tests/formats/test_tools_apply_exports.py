@@ -1,0 +1,206 @@
+"""Every adapter kind sdtune trains, exported, then applied the way each UI applies it, equals sdtune's merge.
+
+For SD 1 and SDXL (tiny models, UNet and text-encoder adapters, random non-zero adapter weights made with
+sdtune's own ``peft_config`` / ``inject``), the file sdtune writes is applied module by module with each tool's
+restated formula (:mod:`tool_appliers`: A1111, ComfyUI, InvokeAI) at strength 1 and 0.6, and with the real
+diffusers loader (``load_lora_weights`` + ``fuse_lora``, strength 0.6) from the PEFT file (and diffusers' kohya
+converter for LoRA/LoCon). Each module's weight must
+equal sdtune's merge of the same file (``apply_lora`` + ``merge_into``) to a relative error of 1e-4 of its
+delta, and every module the file does not name must stay the base's.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from tool_appliers import APPLIERS, SUPPORTS
+
+from sdtune.adapters.lora import adapter_state, inject, peft_config, set_merged
+from sdtune.core.dtypes import cast_floats
+from sdtune.formats.lora_files import (
+    dense_lora_from_dora,
+    kohya_metadata,
+    peft_diffusers_metadata,
+    save_lora,
+    to_kohya,
+    to_peft_diffusers,
+)
+from sdtune.formats.lora_keys import adaptable_module_names, kohya_name_table
+from sdtune.formats.lora_metadata import KOHYA_PARAM_NAMES, split_param
+from sdtune.methods.lora import CONV_TARGETS
+from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from sdtune.tools.lora_tools import apply_lora, merge_into
+
+REL_TOL = 1e-4
+STRENGTHS = (1.0, 0.6)
+# kind -> (sdtune adapter, UNet target preset); conv rank 2 on the convolutions (kohya's conv_dim)
+KINDS = {
+    "lora": ("lora", "attention_ff"),
+    "locon": ("lora", "all"),
+    "dora": ("dora", "all"),
+    "loha": ("loha", "all"),
+    "lokr": ("lokr", "all"),
+}
+# Which file each tool reads for which kind: the kohya/LyCORIS file for the UIs (tool_appliers.SUPPORTS), the
+# PEFT file for diffusers (a DoRA as its exact dense LoRA), and the kohya file through diffusers' converter.
+DIFFUSERS_PEFT = ("lora", "locon", "dora")
+DIFFUSERS_KOHYA = ("lora", "locon")
+
+
+def parts(model) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in model.modules().items() if k != "vae"}
+
+
+def adapted(base, kind: str):
+    """A copy of ``base`` with a random sdtune adapter of ``kind`` on the UNet and text encoders, and its configs."""
+    adapter, preset = KINDS[kind]
+    model = copy.deepcopy(base)
+    torch.manual_seed(3)
+    configs = {}
+    for component, module in parts(model).items():
+        targets = list(UNET_TARGETS[preset] if component == "unet" else TEXT_ENCODER_TARGETS["attention_ff"])
+        convs = [t for t in targets if t in CONV_TARGETS]
+        configs[component] = peft_config(adapter, 4, 8.0 if component == "unet" else 2.0, targets, 0.0, 2, 3.0, convs)
+        inject(module, configs[component])
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.requires_grad:  # every factor non-zero; a DoRA magnitude away from the column norms
+                    p.mul_(1 + 0.5 * torch.rand_like(p)) if "magnitude" in name else p.normal_(0, 0.3)
+    return model, configs
+
+
+def write_kohya(model, configs, kind: str, path: Path, dtype: torch.dtype) -> Path:
+    """The file sdtune's LoRA recipe writes (``methods/lora.py`` ``export``, kohya/LyCORIS layout)."""
+    states = {c: cast_floats(adapter_state(m), dtype) for c, m in parts(model).items()}
+    algo = "locon" if kind == "locon" else KINDS[kind][0]
+    save_lora(
+        path, to_kohya(states, configs, model.family, model.unet.config), kohya_metadata(model.family, algo, 4, 8)
+    )
+    return path
+
+
+def write_peft(model, configs, path: Path, dtype: torch.dtype) -> Path:
+    """The PEFT/diffusers file sdtune's LoRA recipe writes (a DoRA as its dense LoRA)."""
+    states, configs = dense_lora_from_dora(
+        {c: adapter_state(m) for c, m in parts(model).items()}, configs, parts(model)
+    )
+    states = {c: cast_floats(s, dtype) for c, s in states.items()}
+    save_lora(path, to_peft_diffusers(states, model.family), peft_diffusers_metadata(configs))
+    return path
+
+
+def weights(model) -> dict[tuple[str, str], torch.Tensor]:
+    """Every Linear/Conv2d weight of UNet and text encoders by (component, module path), adapters merged."""
+    out = {}
+    for component, module in parts(model).items():
+        for path in adaptable_module_names(module):
+            layer = module.get_submodule(path)
+            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            out[component, path] = layer.weight.detach().double().clone()
+    return out
+
+
+def sdtune_merge(base, path: Path, strength: float) -> dict[tuple[str, str], torch.Tensor]:
+    model = copy.deepcopy(base)
+    apply_lora(model, path, strength)
+    merge_into(model)
+    return weights(model)
+
+
+def file_modules(base, path: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """The file's tensors per (component, module path), by the kohya names of ``formats.lora_keys``."""
+    from safetensors.torch import load_file
+
+    names = {c: adaptable_module_names(m) for c, m in parts(base).items()}
+    table = kohya_name_table(base.family, names, base.unet.config)
+    out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, param = split_param(key, KOHYA_PARAM_NAMES)
+        out.setdefault(table[name], {})[param] = tensor
+    return out
+
+
+def assert_same_weights(got: dict, want: dict, base: dict, adapted: set, label: str) -> None:
+    assert adapted, label
+    for key, w in want.items():
+        if key not in adapted:
+            assert torch.equal(got[key], base[key]) and torch.equal(w, base[key]), (label, key)
+            continue
+        delta = (w - base[key]).norm()
+        assert delta > 1e-3 * base[key].norm(), (label, key)  # the adapter changes this module
+        error = float((got[key] - w).norm() / delta)
+        assert error <= REL_TOL, f"{label} {key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize(("family", "dtype"), [("sd1", torch.float32), ("sdxl", torch.float16)])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ui_formulas_on_the_exported_file_equal_sdtunes_merge(tiny_model, tmp_path, family, dtype, kind) -> None:
+    base = tiny_model(family)
+    model, configs = adapted(base, kind)
+    path = write_kohya(model, configs, kind, tmp_path / "lora.safetensors", dtype)
+    before = weights(base)
+    modules = file_modules(base, path)
+    if kind == "dora":  # per input column, as the UIs apply it: [1, in] / [1, in, 1, 1]
+        for (component, module_path), p in modules.items():
+            assert p["dora_scale"].shape == (
+                1,
+                before[component, module_path].shape[1],
+                *[1] * (p["lora_up.weight"].dim() - 2),
+            )
+    if dtype == torch.float32:  # the file is the trained adapter: its merge is the adapted model's
+        set_merged_model = copy.deepcopy(model)
+        for module in parts(set_merged_model).values():
+            set_merged(module, True)
+        assert_same_weights(weights(set_merged_model), sdtune_merge(base, path, 1.0), before, set(modules), "trained")
+    for strength in STRENGTHS:
+        ours = sdtune_merge(base, path, strength)
+        for tool, apply in APPLIERS.items():
+            assert kind in SUPPORTS[tool]
+            theirs = dict(before)
+            for key, params in modules.items():
+                theirs[key] = apply(before[key], params, strength)
+            assert_same_weights(theirs, ours, before, set(modules), f"{tool} at {strength}")
+
+
+def pipeline(model):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    if model.family.arch == "sdxl":
+        te1, te2 = model.text_encoders
+        tok1, tok2 = model.tokenizers
+        return StableDiffusionXLPipeline(model.vae, te1, te2, tok1, tok2, model.unet, scheduler)
+    return StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def diffusers_weights(base, path: Path, strength: float) -> dict[tuple[str, str], torch.Tensor]:
+    """What ``pipe.load_lora_weights`` + ``fuse_lora(lora_scale=strength)`` make of the file (real diffusers)."""
+    fresh = copy.deepcopy(base)
+    pipe = pipeline(fresh)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    pipe.fuse_lora(components=[c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts(fresh)],
+                   lora_scale=strength)  # fmt: skip
+    return weights(fresh)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", DIFFUSERS_PEFT)
+def test_diffusers_loads_the_exported_peft_file_as_sdtunes_merge(tiny_model, tmp_path, family, kind) -> None:
+    base = tiny_model(family)
+    model, configs = adapted(base, kind)
+    kohya = write_kohya(model, configs, kind, tmp_path / "kohya.safetensors", torch.float32)
+    peft = write_peft(model, configs, tmp_path / "peft.safetensors", torch.float32)
+    before = weights(base)
+    adapted_modules = set(file_modules(base, kohya))
+    files = [peft] + ([kohya] if kind in DIFFUSERS_KOHYA else [])
+    for strength in (0.6,):  # diffusers' strength scales a plain LoRA's delta: one strength tells it
+        ours = sdtune_merge(base, kohya, strength)
+        for path in files:
+            theirs = diffusers_weights(base, path, strength)
+            assert_same_weights(theirs, ours, before, adapted_modules, f"diffusers {path.name} at {strength}")

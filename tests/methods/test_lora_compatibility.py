@@ -16,7 +16,10 @@ from sdtune.train.rundir import RunDir
 
 # the targets whose loaders apply each kind (tools/lora_check facts): diffusers converts LoRA/LoCon only
 SUPPORTED = {"lora": ("a1111", "comfyui", "invoke", "diffusers"), "locon": ("a1111", "comfyui", "invoke", "diffusers"),
-             "loha": ("a1111", "comfyui", "invoke"), "lokr": ("a1111", "comfyui", "invoke")}  # fmt: skip
+             "loha": ("a1111", "comfyui", "invoke"), "lokr": ("a1111", "comfyui", "invoke"),
+             # DoRA per input column: the UIs' convention; diffusers drops a kohya file's dora_scale (its user takes
+             # the PEFT-layout file, below)
+             "dora": ("a1111", "comfyui", "invoke")}  # fmt: skip
 
 
 def _config(tmp_path, checkpoint, folder, adapter, **extra):
@@ -47,7 +50,7 @@ def _train(tmp_path, checkpoint, folder, adapter, bus=None):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("adapter", ["lora", "locon", "loha", "lokr"])
+@pytest.mark.parametrize("adapter", ["lora", "locon", "loha", "lokr", "dora"])
 def test_every_lora_file_sdtune_writes_passes_the_targets_of_its_kind(
     tmp_path, tiny_checkpoint, image_folder, family, adapter
 ):
@@ -75,3 +78,12 @@ def test_loha_export_warns_that_diffusers_drops_it(tmp_path, tiny_checkpoint, im
     warnings = [e.message for e in seen if isinstance(e, RunWarning)]
     assert len(warnings) == 1 and "diffusers" in warnings[0] and outputs[0].name in warnings[0]
     assert "warning: " + warnings[0] in run.events_path.read_text()
+
+
+def test_a_dora_in_the_peft_layout_is_one_diffusers_applies(tmp_path, tiny_checkpoint, image_folder):
+    """For diffusers the DoRA is written as the exact plain LoRA of its merged delta: nothing to drop there."""
+    cfg = _config(tmp_path, tiny_checkpoint("sd1"), image_folder, "dora", file_format="peft")
+    job = setup(cfg, Accelerator(cpu=True))
+    outputs = job.export(tmp_path / "out", step=1)
+    report = check_file(outputs[0], model=job.model)["targets"]["diffusers"]
+    assert report.ok and report.mapped and not report.ignored, (report.error, report.issues)

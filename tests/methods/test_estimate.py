@@ -132,3 +132,12 @@ def test_out_of_memory_is_one_line_with_the_estimate_and_the_last_checkpoint(
     assert "\n" not in message
     assert message.startswith("out of GPU memory during the run (estimated peak ")
     assert "Last good checkpoint: none" in message
+
+
+def test_fused_backward_holds_one_gradient_instead_of_all(tmp_path, tiny_checkpoint, image_folder):
+    base = tiny_checkpoint("sd1")
+    plain = estimate(_full_config(tmp_path, base, image_folder, "finetune"), "cpu")
+    fused = estimate(_full_config(tmp_path, base, image_folder, "finetune", fused_backward=True), "cpu")
+    assert plain.gradient_bytes == plain.trainable_bytes
+    assert 0 < fused.gradient_bytes < plain.gradient_bytes  # the largest tensor's (here the token table)
+    assert fused.peak_host_bytes < plain.peak_host_bytes

@@ -49,7 +49,15 @@ GIB = 2**30
 # Calibration (benchmarks/real_size.py on this repository's 2-core CPU; BENCHMARKS.md):
 RUNTIME_HOST_BYTES = int(0.75 * GIB)  # torch + diffusers + transformers + peft imported, allocator pools
 ACTIVATION_FACTOR = 1.25  # saved tensors -> peak during backward (gradients of activations, workspace)
-STEP_EFFICIENCY = {"cpu": 0.45, "cuda": 0.40}  # a real step's FLOP rate / the bare matmul rate
+# a real step's FLOP rate / the bare matmul rate, per device and compute dtype (CPU: measured; CUDA: a guess until
+# a GPU benchmark calibrates it)
+STEP_EFFICIENCY = {("cpu", torch.float32): 0.45, ("cpu", torch.bfloat16): 0.29}
+DEFAULT_EFFICIENCY = 0.40
+RECOMPUTE_PASSES = 0.5  # checkpointing's recomputed forward, in forward passes (measured: 1.26x a plain step)
+# The optimizer update and the master-weight casts of full-weight training move about this many bytes per trained
+# parameter and step, at this fraction of the measured copy rate (fit to the SD 1.5 fine-tune row of BENCHMARKS.md)
+UPDATE_BYTES_PER_PARAMETER = 36
+UPDATE_EFFICIENCY = 0.11  # CPU AdamW is bound by its arithmetic, not by the copy rate
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 0, "sgd": 4}
 _FULL_WEIGHT_METHODS = ("dreambooth", "finetune")
 
@@ -72,6 +80,7 @@ class Estimate:
     activation_bytes: int
     activation_bytes_other: int  # with checkpointing switched the other way
     encode_bytes: int  # the latent cache's encoding, before step 1
+    export_bytes: int  # a full-weight method's export: its weights converted to save.dtype, after the last step
     runtime_host_bytes: int
     seconds_per_step: float
     flops_per_step: float
@@ -128,17 +137,29 @@ def estimate(cfg: RunBase, device: str | None = None) -> Estimate:
     encode_bytes = 3 * 128 * resolution * resolution * vae_dtype * encode_images
 
     weights = sum(frozen.values())
-    training = trainable_bytes + trainable_bytes + optimizer_bytes + ema_bytes + activations  # + gradients
-    on_device = max(weights + training, weights + encode_bytes)
+    # gradients: all of them at once, or with train.fused_backward one tensor's at a time
+    largest = max((p.numel() for p in trainables), default=0)
+    gradient_bytes = 4 * largest if cfg.train.fused_backward else trainable_bytes
+    kept = trainable_bytes + optimizer_bytes + ema_bytes
+    save_size = {"fp32": 4}.get(getattr(cfg.save, "dtype", "fp16"), 2)
+    export_bytes = n_train * save_size if full else 0
+    on_device = max(
+        weights + kept + gradient_bytes + activations,  # a training step
+        weights + encode_bytes,  # caching latents
+        weights + kept + export_bytes,  # writing the outputs
+    )
     if device == "cpu":
         peak_host, peak_device = RUNTIME_HOST_BYTES + on_device, RUNTIME_HOST_BYTES + on_device
     else:
         peak_device = on_device
         peak_host = RUNTIME_HOST_BYTES + weights  # the weights pass through host memory while loading
 
-    passes = 2.0 + (1.0 if full else 0.0) + (1.0 if checkpointing else 0.0)  # fwd, bwd(input), bwd(weights), recompute
+    # forward, backward to the inputs, backward to the weights (when they train), recomputation (checkpointing)
+    passes = 2.0 + (1.0 if full else 0.0) + (RECOMPUTE_PASSES if checkpointing else 0.0)
     step_flops = passes * flops * cfg.train.grad_accum
-    seconds = step_flops / (_matmul_rate(device, compute) * STEP_EFFICIENCY.get(device, 0.4))
+    efficiency = STEP_EFFICIENCY.get((device, compute), DEFAULT_EFFICIENCY)
+    seconds = step_flops / (_matmul_rate(device, compute) * efficiency)
+    seconds += n_train * UPDATE_BYTES_PER_PARAMETER / (_copy_rate(device) * UPDATE_EFFICIENCY)
     result = Estimate(
         method=cfg.method,
         family=family.name,
@@ -150,12 +171,13 @@ def estimate(cfg: RunBase, device: str | None = None) -> Estimate:
         frozen_bytes=frozen,
         trainable_parameters=n_train,
         trainable_bytes=trainable_bytes,
-        gradient_bytes=trainable_bytes,
+        gradient_bytes=gradient_bytes,
         optimizer_bytes=optimizer_bytes,
         ema_bytes=ema_bytes,
         activation_bytes=activations,
         activation_bytes_other=activations_other,
         encode_bytes=encode_bytes,
+        export_bytes=export_bytes,
         runtime_host_bytes=RUNTIME_HOST_BYTES,
         seconds_per_step=seconds,
         flops_per_step=step_flops,
@@ -311,7 +333,7 @@ def _fused_attention():
         functional.scaled_dot_product_attention = plain
 
 
-_RATES: dict[tuple[str, torch.dtype], float] = {}
+_RATES: dict[tuple[str, torch.dtype | None], float] = {}
 
 
 def _matmul_rate(device: str, dtype: torch.dtype) -> float:
@@ -331,6 +353,25 @@ def _matmul_rate(device: str, dtype: torch.dtype) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         _RATES[key] = 2 * n**3 * reps / (time.perf_counter() - tic)
+    return _RATES[key]
+
+
+def _copy_rate(device: str) -> float:
+    """This device's memory bandwidth in bytes/s (read + write of a 256 MB copy; measured once per process)."""
+    key = (device, None)
+    if key not in _RATES:
+        a = torch.empty(64 * 2**20, device=device)
+        b = torch.empty_like(a)
+        b.copy_(a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        reps, tic = 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - tic < 0.1:
+            b.copy_(a)
+            reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        _RATES[key] = 2 * a.numel() * a.element_size() * reps / (time.perf_counter() - tic)
     return _RATES[key]
 
 

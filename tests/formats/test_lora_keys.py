@@ -41,6 +41,7 @@ from sdtune.formats.lora_keys import (
     kohya_prefix,
     module_path_from_kohya,
 )
+from sdtune.inference.generate import make_pipeline
 from sdtune.models.ldm_keys import unet_rules
 from sdtune.models.tiny import build_tiny
 
@@ -171,20 +172,6 @@ def test_unknown_kohya_name_is_a_model_error() -> None:
 # --- diffusers loads what we write -------------------------------------------------------------------
 
 
-def pipeline(model):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    if model.family.arch == "sdxl":
-        te1, te2 = model.text_encoders
-        tok1, tok2 = model.tokenizers
-        return StableDiffusionXLPipeline(model.vae, te1, te2, tok1, tok2, model.unet, scheduler)
-    return StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-
-
 # sdtune's own DoRA reaches diffusers as a dense LoRA: tests/formats/test_tools_apply_exports.py
 @pytest.mark.parametrize(("family", "algo"), [("sd1", "lora"), ("sdxl", "lora"), ("sd1", "dora-out")])
 def test_diffusers_loads_kohya_and_peft_files(family: str, algo: str, tmp_path: Path) -> None:
@@ -197,7 +184,7 @@ def test_diffusers_loads_kohya_and_peft_files(family: str, algo: str, tmp_path: 
         files.append("kohya.safetensors")
     for name in files:
         fresh = build_tiny(family)
-        pipeline(fresh).load_lora_weights(str(tmp_path), weight_name=name)
+        make_pipeline(fresh).load_lora_weights(str(tmp_path), weight_name=name)
         assert_same_model(fresh, model, build_tiny(family))
 
 

@@ -30,6 +30,7 @@ from sdtune.formats.lora_files import (
 )
 from sdtune.formats.lora_keys import adaptable_module_names, kohya_name_table
 from sdtune.formats.lora_metadata import KOHYA_PARAM_NAMES, split_param
+from sdtune.inference.generate import make_pipeline
 from sdtune.methods.lora import CONV_TARGETS
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.tools.lora_tools import apply_lora, merge_into
@@ -165,24 +166,10 @@ def test_ui_formulas_on_the_exported_file_equal_sdtunes_merge(tiny_model, tmp_pa
             assert_same_weights(theirs, ours, before, set(modules), f"{tool} at {strength}")
 
 
-def pipeline(model):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    if model.family.arch == "sdxl":
-        te1, te2 = model.text_encoders
-        tok1, tok2 = model.tokenizers
-        return StableDiffusionXLPipeline(model.vae, te1, te2, tok1, tok2, model.unet, scheduler)
-    return StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-
-
 def diffusers_weights(base, path: Path, strength: float) -> dict[tuple[str, str], torch.Tensor]:
     """What ``pipe.load_lora_weights`` + ``fuse_lora(lora_scale=strength)`` make of the file (real diffusers)."""
     fresh = copy.deepcopy(base)
-    pipe = pipeline(fresh)
+    pipe = make_pipeline(fresh)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     pipe.fuse_lora(components=[c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts(fresh)],
                    lora_scale=strength)  # fmt: skip

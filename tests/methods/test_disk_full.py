@@ -11,49 +11,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors import SafetensorError
+from tests.methods.run_configs import sdtune_in_process, ti_run_config
 
 import sdtune.train.rundir as rundir_module
-from sdtune.cli.main import main
 from sdtune.train.rundir import RunDir
+
+
+def _config(tmp_path: Path, model: Path, data: Path, max_steps: int = 4) -> Path:
+    return ti_run_config(tmp_path, model, data, name="full", max_steps=max_steps, seed=2, num_vectors=2)
+
 
 STORAGE_FULL = (
     'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 )
-
-
-def _config(tmp_path: Path, model: Path, data: Path, max_steps: int = 4) -> Path:
-    path = tmp_path / "disk.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "method": "textual_inversion",
-                "name": "full",
-                "output_dir": str(tmp_path / "runs"),
-                "token": "<thing>",
-                "num_vectors": 2,
-                "init_text": "red",
-                "model": {"base": str(model)},
-                "data": {"path": str(data), "template": "subject", "resolution": 16, "batch_size": 2},
-                "train": {"max_steps": max_steps, "seed": 2},
-                "save": {"every_n_steps": 2},
-                "preview": {"before_training": False, "steps": 2},
-            }
-        )
-    )
-    return path
-
-
-def _sdtune(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sdtune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line(code: int, err: str) -> str:
@@ -96,7 +67,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_last_checkpoint_resum
     cfg = _config(tmp_path, tiny_checkpoint("sd1"), image_folder)
     root = tmp_path / "runs" / "full"
     monkeypatch.setattr(rundir_module, "save_file", _full_on_checkpoint(4, raise_error))
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(cfg))
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(cfg))
     line = _one_line(code, err)
     good = root / "checkpoints" / "step-2"
     assert "disk full while writing checkpoint step-4" in line
@@ -108,7 +79,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_last_checkpoint_resum
     assert line.removeprefix("error: ") in (root / "events.log").read_text()
 
     monkeypatch.undo()  # space freed: the command it printed resumes from the intact checkpoint
-    code, out, err = _sdtune(monkeypatch, capsys, "train", str(root))
+    code, out, err = sdtune_in_process(monkeypatch, capsys, "train", str(root))
     assert code == 0, err
     assert f"resumed from {good} at step 2" in (root / "events.log").read_text()
     assert RunDir(root).latest_checkpoint().step == 4
@@ -128,7 +99,7 @@ def test_disk_full_while_logging_metrics_is_one_line(tmp_path, tiny_checkpoint, 
         return real(self, row)
 
     monkeypatch.setattr(RunDir, "append_metrics", append_metrics)
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(cfg))
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(cfg))
     line = _one_line(code, err)
     assert f"disk full while writing the run folder ({root / 'metrics.jsonl'})" in line
     assert f"the last good checkpoint is {root / 'checkpoints' / 'step-2'} (intact)" in line
@@ -141,7 +112,7 @@ def test_disk_full_while_the_run_folder_is_set_up_is_one_line(tmp_path, image_fo
         raise OSError(errno.ENOSPC, "No space left on device", str(self.config_path))
 
     monkeypatch.setattr(RunDir, "create", create)
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(cfg))
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(cfg))
     line = _one_line(code, err)
     root = tmp_path / "runs" / "full"
     assert f"disk full while writing the run folder ({root / 'config.yaml'})" in line
@@ -161,7 +132,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_anything_starts(
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(cfg))
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(cfg))
     line = _one_line(code, err)
     assert f"output_dir: cannot write the run folder {root} (Permission denied)" in line
     assert sorted(p.name for p in root.iterdir()) == []  # refused before the lock, config or anything else
@@ -182,11 +153,11 @@ def test_a_checkpoint_killed_mid_write_is_cleaned_up_on_the_next_start(
 ):
     cfg = _config(tmp_path, tiny_checkpoint("sd1"), image_folder, max_steps=2)
     root = tmp_path / "runs" / "full"
-    assert _sdtune(monkeypatch, capsys, "train", str(cfg))[0] == 0
+    assert sdtune_in_process(monkeypatch, capsys, "train", str(cfg))[0] == 0
     killed = subprocess.run([sys.executable, "-c", _DIE_MID_CHECKPOINT, str(root / "checkpoints" / "step-4")])
     assert killed.returncode == 9
     (partial,) = [p for p in (root / "checkpoints").iterdir() if p.name.startswith(".step-4.")]
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=4")
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=4")
     assert code == 0, err
     assert not partial.exists()
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-2", "step-4"]

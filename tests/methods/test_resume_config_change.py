@@ -4,47 +4,18 @@ unless --allow-config-change is given, and then recorded in events.log."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.methods.run_configs import sdtune_in_process, ti_run_config
 
-from sdtune.cli.main import main
 from sdtune.train.config_changes import HARMLESS, Change, config_changes
 from sdtune.train.rundir import RunDir
 
 
 def _config(tmp_path: Path, model: Path, data: Path) -> Path:
-    path = tmp_path / "resume.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "method": "textual_inversion",
-                "name": "edited",
-                "output_dir": str(tmp_path / "runs"),
-                "token": "<thing>",
-                "init_text": "red",
-                "model": {"base": str(model)},
-                "data": {"path": str(data), "template": "subject", "resolution": 16, "batch_size": 2},
-                "train": {"max_steps": 2, "seed": 3},
-                "save": {"every_n_steps": 2},
-                "preview": {"before_training": False, "steps": 2},
-            }
-        )
-    )
-    return path
-
-
-def _sdtune(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sdtune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return ti_run_config(tmp_path, model, data, name="edited", max_steps=2, seed=3)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -56,12 +27,12 @@ def test_resume_with_changes_names_them_refuses_breaking_ones_and_records_allowe
 ):
     cfg = _config(tmp_path, tiny_checkpoint("sd1"), image_folder)
     root = tmp_path / "runs" / "edited"
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(cfg))
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(cfg))
     assert code == 0, err
 
     # A change of the batch size (and a harmless one) is refused: one line naming both, nothing written.
     before = _snapshot(root)
-    code, _, err = _sdtune(
+    code, _, err = sdtune_in_process(
         monkeypatch, capsys, "train", str(root), "--set", "data.batch_size=3", "--set", "train.max_steps=4"
     )
     lines = err.strip().splitlines()
@@ -74,13 +45,13 @@ def test_resume_with_changes_names_them_refuses_breaking_ones_and_records_allowe
     stored = yaml.safe_load((root / "config.yaml").read_text())
     stored["train"]["seed"] = 4
     (root / "config.yaml").write_text(yaml.safe_dump(stored))
-    code, _, err = _sdtune(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=4")
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=4")
     assert code == 2 and "train.seed 3 -> 4" in err, err
     stored["train"]["seed"] = 3
     (root / "config.yaml").write_text(yaml.safe_dump(stored))
 
     # Harmless changes are printed, recorded and go ahead.
-    code, out, err = _sdtune(
+    code, out, err = sdtune_in_process(
         monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=4", "--set", "preview.steps=3"
     )
     assert code == 0, err
@@ -90,7 +61,7 @@ def test_resume_with_changes_names_them_refuses_breaking_ones_and_records_allowe
     assert RunDir(root).latest_checkpoint().step == 4
 
     # With the flag, a breaking change goes ahead and the log says so, with the changes.
-    code, out, err = _sdtune(
+    code, out, err = sdtune_in_process(
         monkeypatch,
         capsys,
         "train",
@@ -110,7 +81,7 @@ def test_resume_with_changes_names_them_refuses_breaking_ones_and_records_allowe
     assert steps == list(range(1, 7))
 
     # Resuming with the unchanged config says nothing about changes.
-    code, out, err = _sdtune(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=7")
+    code, out, err = sdtune_in_process(monkeypatch, capsys, "train", str(root), "--set", "train.max_steps=7")
     assert code == 0, err
     assert "(--allow-config-change)" not in out and "data.batch_size" not in out
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from rich.console import Console
+from tests.methods.run_configs import ti_run_config
 
 from sdtune.config import load_train_config
 from sdtune.methods.run import run
@@ -22,24 +22,7 @@ from sdtune.ui.jobs import JobError, JobManager
 
 
 def _config(tmp_path: Path, model: Path, data: Path, max_steps: int) -> Path:
-    path = tmp_path / "lock.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "method": "textual_inversion",
-                "name": "locked",
-                "output_dir": str(tmp_path / "runs"),
-                "token": "<thing>",
-                "init_text": "red",
-                "model": {"base": str(model)},
-                "data": {"path": str(data), "template": "subject", "resolution": 16, "batch_size": 2},
-                "train": {"max_steps": max_steps, "seed": 1},
-                "save": {"every_n_steps": 2},
-                "preview": {"before_training": False, "steps": 2},
-            }
-        )
-    )
-    return path
+    return ti_run_config(tmp_path, model, data, name="locked", max_steps=max_steps, seed=1)
 
 
 def _holder(root: Path) -> dict | None:

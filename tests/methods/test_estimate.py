@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 import yaml
-from tests.methods.test_precision import CASES, _config
+from tests.methods.method_cases import case_config
+from tests.methods.test_precision import PRECISION_CASES, _config
 from typer.testing import CliRunner
 
 from sdtune.cli.main import app
-from sdtune.config import load_train_config
 from sdtune.core.errors import TrainingError
 from sdtune.methods import estimate as estimate_module
 from sdtune.methods import run as run_module
@@ -20,32 +20,14 @@ from sdtune.methods import setup_function as method_setup  # (pytest reserves th
 from sdtune.methods.estimate import estimate, summary_lines
 from sdtune.methods.run import run
 
-FULL = {
-    "dreambooth": {
-        "method": "dreambooth",
-        "instance_token": "sks",
-        "instance_prompt": "a sks shape",
-        "prior_preservation": False,
-    },
-    "finetune": {"method": "finetune", "train_text_encoder": True},
-}
+FULL = ("dreambooth", "finetune")
 
 
 def _full_config(tmp_path, base, folder, case, **train):
-    raw = {
-        "name": case,
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"base": str(base)},
-        "data": {"path": str(folder), "batch_size": 2},
-        "train": {"max_steps": 1} | train,
-        "preview": {"enabled": False},
-    } | FULL[case]
-    path = tmp_path / f"{case}.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return load_train_config(path)
+    return case_config(tmp_path, base, folder, case, preview={"enabled": False}, **({"max_steps": 1} | train))
 
 
-@pytest.mark.parametrize("case", [*CASES, *FULL])
+@pytest.mark.parametrize("case", [*PRECISION_CASES, *FULL])
 def test_trainable_count_and_frozen_bytes_match_what_the_run_builds(
     tmp_path, tiny_checkpoint, image_folder, case, bf16_accelerator
 ):

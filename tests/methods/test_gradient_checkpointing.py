@@ -6,51 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from tests.methods.method_cases import case_config
 
-from sdtune.config import load_train_config
 from sdtune.core.events import EventBus
 from sdtune.methods import setup_function as method_setup  # (pytest reserves the name setup_function)
 from sdtune.train.loop import train
 from sdtune.train.rundir import RunDir
 
-CASES = {
-    "lora": {"method": "lora", "rank": 4, "optimizer": {"lr": 1e-2}},
-    "lora_text_encoder": {"method": "lora", "rank": 4, "train_text_encoder": True, "optimizer": {"lr": 1e-2}},
-    "pivotal": {
-        "method": "lora",
-        "rank": 4,
-        "token": "<thing>",
-        "init_text": "square",
-        "data": {"template": "subject_filewords"},
-        "optimizer": {"lr": 1e-2},
-    },
-    "textual_inversion": {
-        "method": "textual_inversion",
-        "token": "<thing>",
-        "init_text": "square",
-        "data": {"template": "subject_filewords"},
-        "optimizer": {"lr": 0.05},
-    },
-    "hypernetwork": {"method": "hypernetwork", "optimizer": {"lr": 1e-2}},
-}
+CHECKPOINTING_CASES = ["lora", "lora_text_encoder", "pivotal", "textual_inversion", "hypernetwork"]
 THROUGH_TEXT = {"lora_text_encoder", "pivotal", "textual_inversion"}
 
 
 def _config(tmp_path, base, folder, case: str, name: str, checkpointing: bool):
-    import yaml
-
-    extra = dict(CASES[case])
-    raw = {
-        "name": name,
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"base": str(base)},
-        "data": {"path": str(folder), "batch_size": 2} | extra.pop("data", {}),
-        "train": {"max_steps": 2, "gradient_checkpointing": checkpointing},
-        "preview": {"steps": 2, "before_training": False},
-    } | extra
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return load_train_config(path)
+    return case_config(tmp_path, base, folder, case, name=name, gradient_checkpointing=checkpointing)
 
 
 def _run_counting(cfg):
@@ -72,7 +40,7 @@ def _trained(job) -> dict[str, torch.Tensor]:
     return {k: v for k, v in job.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CHECKPOINTING_CASES)
 def test_checkpointing_recomputes_activations_and_trains_the_same_weights(
     tmp_path, tiny_checkpoint, image_folder, case
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from tests.methods.method_cases import case_config
 
 from sdtune.config import load_train_config
 from sdtune.core.events import EventBus
@@ -14,35 +15,11 @@ from sdtune.train.loop import train
 from sdtune.train.recipe import storage_dtypes
 from sdtune.train.rundir import RunDir
 
-CASES = {
-    "lora": {"method": "lora", "rank": 4, "optimizer": {"lr": 1e-2}},
-    "loha": {"method": "lora", "adapter": "loha", "rank": 4, "optimizer": {"lr": 1e-2}},
-    "lokr": {"method": "lora", "adapter": "lokr", "rank": 4, "optimizer": {"lr": 1e-2}},
-    "lora_text_encoder": {"method": "lora", "rank": 4, "train_text_encoder": True, "optimizer": {"lr": 1e-2}},
-    "textual_inversion": {
-        "method": "textual_inversion",
-        "token": "<thing>",
-        "init_text": "square",
-        "data": {"template": "subject_filewords"},
-        "optimizer": {"lr": 0.05},
-    },
-    "hypernetwork": {"method": "hypernetwork", "optimizer": {"lr": 1e-2}},
-}
+PRECISION_CASES = ["lora", "loha", "lokr", "lora_text_encoder", "textual_inversion", "hypernetwork"]
 
 
 def _config(tmp_path, base, folder, case: str, **train):
-    extra = dict(CASES[case])
-    raw = {
-        "name": case,
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"base": str(base)},
-        "data": {"path": str(folder), "batch_size": 2} | extra.pop("data", {}),
-        "train": {"max_steps": 2, "mixed_precision": "bf16"} | train,
-        "preview": {"steps": 2, "before_training": False},
-    } | extra
-    path = tmp_path / f"{case}.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return load_train_config(path)
+    return case_config(tmp_path, base, folder, case, **({"mixed_precision": "bf16"} | train))
 
 
 def _trainables(job) -> list[torch.Tensor]:
@@ -50,7 +27,9 @@ def _trainables(job) -> list[torch.Tensor]:
 
 
 # every case on sd1; sdxl (two text encoders, size conditioning) on the LoRA, text-encoder and embedding paths
-RUNS = [(case, "sd1") for case in CASES] + [(c, "sdxl") for c in ("lora", "lora_text_encoder", "textual_inversion")]
+RUNS = [(case, "sd1") for case in PRECISION_CASES] + [
+    (c, "sdxl") for c in ("lora", "lora_text_encoder", "textual_inversion")
+]
 
 
 @pytest.mark.parametrize(("case", "family"), RUNS)

@@ -93,11 +93,12 @@ class Estimate:
         return dataclasses.asdict(self)
 
 
-def estimate(cfg: RunBase, device: str | None = None) -> Estimate:
-    """The expected cost of training ``cfg`` on ``device`` (``cuda`` or ``cpu``; default: CUDA when present)."""
+def estimate(cfg: RunBase, device: str | None = None, precision: str | None = None) -> Estimate:
+    """The expected cost of training ``cfg`` on ``device`` (``cuda`` or ``cpu``; default: CUDA when present) in
+    ``precision`` (accelerate's ``no``/``bf16``/``fp16``; default: what ``train.mixed_precision`` resolves to)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, configs = model_configs(cfg.model.base)
-    precision = resolve_precision(cfg.train.mixed_precision, device, base=cfg.model.base)
+    precision = precision or resolve_precision(cfg.train.mixed_precision, device, base=cfg.model.base)
     full = cfg.method in _FULL_WEIGHT_METHODS
     dtypes = storage_dtypes(cfg, precision, reduced=not full)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

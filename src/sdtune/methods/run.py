@@ -112,7 +112,7 @@ def _estimate(cfg: RunBase, accelerator: Accelerator, run: RunDir, console: Cons
     """The run's expected cost, printed first (and recorded in ``estimate.json``); a warning with what to change
     when it exceeds the free memory. An estimate that cannot be made never stops the run."""
     try:
-        cost = estimate(cfg, accelerator.device.type)
+        cost = estimate(cfg, accelerator.device.type, accelerator.mixed_precision)  # the precision already chosen
     except Exception as exc:  # advisory only: say why, train anyway
         run.log(f"no estimate: {type(exc).__name__}: {exc}")
         return None

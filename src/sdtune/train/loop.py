@@ -377,7 +377,7 @@ def _train(
                 run.log(message)
             bus.emit(RunFailed(step + 1, message, str(last_checkpoint) if last_checkpoint else None))
             raise TrainingError(message)
-        skipped_at_scale = scaler.step(optimizer, params)
+        skipped_at_scale = scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         if skipped_at_scale is not None and main:
             run.log(

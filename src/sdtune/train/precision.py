@@ -21,7 +21,6 @@ the NaN stop, and the scale is part of the checkpoint so a resume continues exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ class LossScaler:
         """True when this step's fp16 gradients overflowed: the step is to be skipped, not stopped on."""
         return self.enabled and not math.isfinite(grad_norm)
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> float | None:
+    def step(self, optimizer: torch.optim.Optimizer) -> float | None:
         """Step the optimizer unless the gradients overflowed, then adapt the scale. Returns the old scale when
         the step was skipped (so the caller can log it), else None."""
         if not self.enabled:

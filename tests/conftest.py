@@ -8,6 +8,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n N`) each worker gets its share of the cores: torch's default of one thread per core in
+# every worker oversubscribes the machine (on 2 cores one thread per worker runs a built-in-model step as fast as
+# two threads do, so two workers finish the suite in about half the time). Subprocesses inherit the setting.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import pytest  # noqa: E402
 

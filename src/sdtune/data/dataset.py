@@ -140,6 +140,11 @@ class ImageCaptionSet:
         self.is_reg = self.is_reg or [False] * n
         self.sources = self.sources or [""] * n
 
+    @property
+    def encodes_per_step(self) -> bool:
+        """Whether :meth:`batch` runs the VAE (``latent_sampling: random`` keeps images, not latents)."""
+        return any(g.images is not None for g in self.groups)
+
     # -- one-size views (the common case: no buckets) -----------------------------------------------------------
     def _only_group(self, what: str) -> LatentGroup:
         if len(self.groups) != 1:

@@ -56,7 +56,8 @@ class DreamBoothJob:
         self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen until step 4 says what trains
-        self.base_path, self.model = frozen_base(cfg, accelerator, reduced=False)  # exports write it all
+        # in fp32 whatever the precision: exports write it all
+        self.base_path, self.model = frozen_base(cfg, accelerator, reduced=False, report=self.report)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. instance images: latents once; each trains with instance_prompt ([filewords] = its caption)

@@ -61,7 +61,8 @@ class FinetuneJob:
         self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen until step 3 says what trains
-        self.base_path, self.model = frozen_base(cfg, accelerator, reduced=False)  # exports write it all
+        # in fp32 whatever the precision: exports write it all
+        self.base_path, self.model = frozen_base(cfg, accelerator, reduced=False, report=self.report)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)

@@ -119,7 +119,7 @@ class LoraJob:
         self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen
-        self.base_path, self.model = frozen_base(cfg, accelerator)
+        self.base_path, self.model = frozen_base(cfg, accelerator, report=self.report)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: latents once; captions through the template (default: the captions as they are)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def run(
     changed field; changes that break the exact resume need ``allow_config_change`` (see
     :mod:`sdtune.train.config_changes`).
     """
+    entered, estimate_seconds = time.time(), 0.0
     console = console or Console()
     run = run_dir_of(cfg)
     # Launched as several processes (torchrun / accelerate launch) without CUDA: accelerate forms the gloo
@@ -89,7 +91,9 @@ def run(
                     console.print(line, markup=False, highlight=False)
                     run.log(line)
                 run.create(dump_yaml(cfg))
+                tic = time.perf_counter()
                 cost = _estimate(cfg, accelerator, run, console)
+                estimate_seconds = time.perf_counter() - tic
                 if progress:
                     bus.subscribe(ConsoleProgress(console))
                 bus.subscribe(TensorBoardLogger(run.root / "tensorboard"))
@@ -99,6 +103,8 @@ def run(
         accelerator.wait_for_everyone()
         try:
             job = setup_function(cfg.method)(cfg, accelerator, console)
+            if accelerator.is_main_process:
+                run.log(_startup_line(entered, estimate_seconds, getattr(job, "report", None)))
             with _graceful_stop(run, console):
                 outputs = train(job, cfg, run, bus, accelerator)
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -106,6 +112,19 @@ def run(
         if accelerator.is_main_process:
             _record_measured(run, cost, accelerator)
         return outputs
+
+
+def _startup_line(entered: float, estimate_seconds: float, report) -> str:
+    """Where the time from launch to training went: before sdtune's run started (Python, imports, the config),
+    the estimate, the recipe's timed phases (loading, caching latents) and the rest of the set-up."""
+    import psutil
+
+    now = time.time()
+    launched = psutil.Process().create_time()
+    parts = {"launch and imports": entered - launched, "estimate": estimate_seconds}
+    parts |= dict(report.phases) if report is not None else {}
+    parts["other set-up"] = max(0.0, now - launched - sum(parts.values()))
+    return f"start-up {now - launched:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
 
 
 def _estimate(cfg: RunBase, accelerator: Accelerator, run: RunDir, console: Console) -> Estimate | None:

@@ -56,7 +56,7 @@ class TextualInversionJob:
         self.report = ConsoleReport(self.console)
 
         # 1. the base model, frozen
-        self.base_path, self.model = frozen_base(cfg, accelerator)
+        self.base_path, self.model = frozen_base(cfg, accelerator, report=self.report)
         self.scheduler = self.model.noise_scheduler()
 
         # 2. data: images -> latents once; captions kept as text (templates and tag options apply per use)

@@ -9,7 +9,8 @@ This matches what diffusers' pipelines feed the UNet, so training and generation
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,16 +79,28 @@ class TextCache:
         self.components = components
         self.store: MutableMapping[str, tuple[torch.Tensor, torch.Tensor | None]] = {} if store is None else store
         self.encoded = 0
+        self.encoders_ready: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        """Entered around each encoding of prompts not yet cached (e.g. to bring parked encoders back)."""
+
+    def fill(self, prompts: Iterable[str]) -> None:
+        """Encode every prompt of ``prompts`` not yet cached, in batches of 16."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
+        for start in range(0, len(missing), 16):
+            self._encode(missing[start : start + 16])
 
     @torch.no_grad()
+    def _encode(self, missing: list[str]) -> None:
+        with self.encoders_ready():
+            cond = encode_prompts(self.components, missing)
+        for i, prompt in enumerate(missing):
+            pooled = cond.pooled[i].cpu() if cond.pooled is not None else None
+            self.store[prompt] = (cond.context[i].cpu(), pooled)
+        self.encoded += len(missing)
+
     def __call__(self, prompts: Sequence[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
         if missing:
-            cond = encode_prompts(self.components, missing)
-            for i, prompt in enumerate(missing):
-                pooled = cond.pooled[i].cpu() if cond.pooled is not None else None
-                self.store[prompt] = (cond.context[i].cpu(), pooled)
-            self.encoded += len(missing)
+            self._encode(missing)
         device = self.components.unet.device
         context = torch.stack([self.store[p][0] for p in prompts]).to(device)
         pooled = [self.store[p][1] for p in prompts]

@@ -41,6 +41,7 @@ from sdtune.core.events import (
 )
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
+from sdtune.train.offload import Parking, park_frozen
 from sdtune.train.optim import FusedBackward, LearningRate, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.precision import LossScaler
@@ -209,8 +210,11 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     checkpoint, how to resume); the checkpoint being written is dropped whole, the previous one stays intact.
     """
     writes = WriteGuard(run)
+    parking = None
     try:
-        return _train(job, cfg, run, bus, accelerator, writes)
+        # what the steps never call (cached latents and prompts: the VAE, frozen text encoders) leaves the GPU
+        parking = park_frozen(job, accelerator.device)
+        return _train(job, cfg, run, bus, accelerator, writes, parking)
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc, TrainingError) else exc
         if cause is None or disk_problem(cause) is None:
@@ -224,10 +228,13 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
         if error is exc:
             raise
         raise error from exc
+    finally:
+        if parking is not None:
+            parking.release()
 
 
 def _train(
-    job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator, writes: WriteGuard
+    job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator, writes: WriteGuard, parking: Parking
 ) -> list[Path]:
     t, main = cfg.train, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -291,7 +298,7 @@ def _train(
                 opt_state,
                 {"step": step, "epoch": epoch(step)} | ({"loss_scaler": scaler.state_dict()} if scaler.enabled else {}),
                 rng,
-                export=lambda d: job.export(d, step),
+                export=lambda d: _export(job, parking, d, step),
                 keep_last=cfg.save.keep_last,
                 config=dump_yaml(cfg),
             )
@@ -310,7 +317,8 @@ def _train(
         if main:
             tic = time.perf_counter()
             with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"):
-                paths, grid = job.preview(run.samples / f"step-{step}", step)
+                with parking.in_use():
+                    paths, grid = job.preview(run.samples / f"step-{step}", step)
             seconds = time.perf_counter() - tic
             preview_seconds += seconds
             run.log(f"previews of step {step}: {len(paths)} images in {seconds:.1f} s")
@@ -420,7 +428,7 @@ def _train(
     outputs: list[Path] = []
     if main:
         with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
-            outputs = job.export(run.output, step)
+            outputs = _export(job, parking, run.output, step)
         for message in getattr(job, "export_warnings", ()):
             run.log(f"warning: {message}")
             bus.emit(RunWarning(step, message))
@@ -433,6 +441,11 @@ def _train(
         run.clear_stop()  # honoured: resuming starts clean
     bus.emit(RunFinished(step, tuple(map(str, outputs)), reason, train_seconds, preview_seconds))
     return outputs
+
+
+def _export(job: Job, parking: Parking, out_dir: Path, step: int) -> list[Path]:
+    with parking.in_use():  # a whole-model export writes the parked VAE and text encoders too
+        return job.export(out_dir, step)
 
 
 SetupFn = Callable[..., Job]

@@ -4,8 +4,10 @@ validation loss at fixed noise."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +36,16 @@ class ConsoleReport:
         self.console = console
         self._last_progress = 0.0
         self._sizes_seen: set[str] = set()
+        self.phases: dict[str, float] = {}
+        """Seconds spent in each named start-up phase (``timed``), for the run's start-up line."""
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - tic
 
     def skipped(self, item: Skipped) -> None:
         self.console.print(f"[yellow]skipped[/yellow] {escape(f'{item.path}: {item.reason}')}", highlight=False)
@@ -68,12 +80,21 @@ def storage_dtypes(cfg: RunBase, precision: str, reduced: bool = True) -> dict[s
     return out
 
 
-def frozen_base(cfg: RunBase, accelerator: Accelerator, reduced: bool = True) -> tuple[Path, SDComponents]:
+def frozen_base(
+    cfg: RunBase, accelerator: Accelerator, reduced: bool = True, report: ConsoleReport | None = None
+) -> tuple[Path, SDComponents]:
     """``cfg.model.base`` resolved and loaded onto the accelerator's device, every module frozen in eval mode,
-    in :func:`storage_dtypes` (read and converted one component at a time)."""
+    in :func:`storage_dtypes` (read and converted one component at a time). With ``report`` the load is announced
+    on the console and timed (phase ``loading``)."""
     base_path = resolve_path(cfg.model.base)
     dtypes = storage_dtypes(cfg, accelerator.mixed_precision, reduced)
-    model = load_model(base_path, prediction_type=cfg.model.prediction_type, dtype=dtypes).to(accelerator.device)
+    if report is not None:
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        kinds = "/".join(sorted({names.get(d, str(d)) for d in dtypes.values()}))
+        report.log(f"loading {base_path.name} in {kinds} onto {accelerator.device.type}")
+    with report.timed("loading") if report is not None else contextlib.nullcontext():
+        model = load_model(base_path, prediction_type=cfg.model.prediction_type, dtype=dtypes)
+        model = model.to(accelerator.device)
     for module in model.modules().values():
         module.requires_grad_(False).eval()
     return base_path, model
@@ -111,18 +132,20 @@ def training_images(
     held-out validation set (``data.validation_split`` / ``validation_path``) or ``None``. Left-out files go to
     ``report.skipped``; with ``data.buckets`` the bucket histogram goes to ``report.log``."""
     resolution = cfg.data.resolution or native_size(model)
-    data = ImageCaptionSet.load(
-        cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, progress=report.encoding
-    )
+    with report.timed("caching latents"):
+        data = ImageCaptionSet.load(
+            cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, progress=report.encoding
+        )
     if cfg.data.buckets:
         sizes = data.bucket_histogram()
         lines = [f"  {w}x{h}  aspect {w / h:.2f}  {n} images" for (w, h), n in sizes.items()]
         report.log(f"buckets for {resolution}² ({len(sizes)} sizes):\n" + "\n".join(lines))
     validation = None
     if has_validation(cfg.data):
-        validation = ImageCaptionSet.load(
-            cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, split="validation"
-        )
+        with report.timed("caching latents"):
+            validation = ImageCaptionSet.load(
+                cfg.data, model.vae, resolution, cfg.train.seed, report.skipped, split="validation"
+            )
     return resolution, data, validation
 
 

@@ -34,6 +34,7 @@ ROWS = [
     "lora-bf16",
     "floor-bf16-gc",
     "lora-bf16-gc",
+    "lora-bf16-gc-fp8",
     "ti-bf16-gc",
     "ft-bf16-gc",
     "ft-bf16-gc-fused",
@@ -81,6 +82,7 @@ def sdtune_config(work: Path, family: str, row: str, steps: int) -> Path:
         raw |= {"method": "finetune", "optimizer": {"lr": 1e-6}, "save": {"every_n_steps": 0}}
     elif method == "lora":
         raw |= {"method": "lora", "rank": 16, "targets": "attention", "optimizer": {"lr": 1e-4}}
+        raw["fp8_base"] = "fp8" in rest
     else:
         raw |= {"method": "textual_inversion", "token": "<thing>", "init_text": "thing", "optimizer": {"lr": 5e-3}}
         raw["data"]["template"] = "subject_filewords"

@@ -22,7 +22,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LIBRARIES = ("transformers", "diffusers", "accelerate", "huggingface_hub", "peft", "torch", "safetensors", "PIL")
+LIBRARIES = (
+    "transformers",
+    "diffusers",
+    "accelerate",
+    "huggingface_hub",
+    "peft",
+    "torch",
+    "torchao",
+    "safetensors",
+    "PIL",
+)
 _SDTUNE_DIR = str(Path(__file__).resolve().parents[1])
 _WARNINGS = "sdtune.third_party"
 
@@ -74,6 +84,9 @@ def install() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # torch puts its own stderr handler on its loggers when imported (e.g. the pytree notices torchao's import
+    # triggers); TORCH_LOGS=-all sets them to errors only
+    os.environ.setdefault("TORCH_LOGS", "-all")
     for name in LIBRARIES:
         logger = logging.getLogger(name)
         logger.addHandler(_sink)

@@ -113,6 +113,9 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
         count = sum(p.numel() for p in module.parameters())
         size = 4 if name in trained else torch.empty((), dtype=dtypes[name]).element_size()
         frozen[name] = count * size
+        if name == "unet" and getattr(cfg, "fp8_base", False):  # linear weights: 1 byte + an fp32 scale per row
+            linears = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+            frozen[name] -= sum(w.numel() * (size - 1) - 4 * w.shape[0] for w in linears)
     trainables = _trainable_parameters(cfg, modules, trained)
     n_train = sum(p.numel() for p in trainables)
     trainable_bytes = 4 * n_train

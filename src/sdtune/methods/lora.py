@@ -63,6 +63,7 @@ from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
 from sdtune.train.loop import sample_rng
+from sdtune.train.precision import fp8_frozen_linears
 from sdtune.train.prior import PriorPreservation, class_folder
 from sdtune.train.recipe import (
     ConsoleReport,
@@ -118,9 +119,17 @@ class LoraJob:
         self.cfg, self.console = cfg, console or Console()
         self.report = ConsoleReport(self.console)
 
-        # 1. the base model, frozen
+        # 1. the base model, frozen (with fp8_base its UNet's linear layers in float8)
         self.base_path, self.model = frozen_base(cfg, accelerator, report=self.report)
         self.scheduler = self.model.noise_scheduler()
+        if cfg.fp8_base:
+            if accelerator.mixed_precision not in ("bf16", "fp16"):
+                raise ConfigError(
+                    f"fp8_base: float8 weights compute in bf16 or fp16, but train.mixed_precision resolved to "
+                    f"{accelerator.mixed_precision!r} here; set train.mixed_precision: bf16"
+                )
+            changed = fp8_frozen_linears(self.model.unet)
+            self.report.log(f"fp8_base: {changed} UNet linear layers hold float8 weights")
 
         # 2. data: latents once; captions through the template (default: the captions as they are)
         self.resolution, self.data, self.validation = training_images(cfg, self.model, self.report)

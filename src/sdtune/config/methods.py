@@ -47,6 +47,16 @@ class RunBase(StrictModel):
             raise ValueError(f"use letters, digits, '.', '_', '-' or spaces (got {value!r}); e.g. my-concept")
         return value
 
+    @model_validator(mode="after")
+    def _schedule_fits_prediction(self) -> RunBase:
+        kind = self.model.prediction_type
+        if self.train.zero_terminal_snr and kind != "v_prediction":
+            raise ValueError(
+                f"train.zero_terminal_snr: needs model.prediction_type: v_prediction (got {kind}); the noise cannot "
+                "be predicted from pure noise at SNR 0. Set model.prediction_type: v_prediction or turn it off"
+            )
+        return self
+
 
 class WeightAverageFields(StrictModel):
     """The EMA fields shared by the methods that can average their trained weights."""

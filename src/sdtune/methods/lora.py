@@ -300,6 +300,7 @@ class LoraJob:
             "ss_sd_model_name": self.base_path.name,
             "ss_network_dropout": cfg.dropout,
             "ss_seed": cfg.train.seed,
+            **_noise_metadata(cfg),
             "ss_tag_frequency": json.dumps({"data": _tag_frequency(self.data.captions)}),
         }
         if self.base_path.is_file():
@@ -356,6 +357,20 @@ class LoraJob:
         settings = preview_settings(p, self.resolution)
         with eval_mode(self.components.values()), self.averaged():
             return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
+
+
+def _noise_metadata(cfg: LoraConfig) -> dict[str, object]:
+    """The noise and loss options under sd-scripts' ``ss_*`` names (``train_network.py``), as it writes them."""
+    t = cfg.train
+    return {
+        "ss_noise_offset": t.noise_offset or None,
+        "ss_multires_noise_iterations": t.multires_noise_iterations or None,
+        "ss_multires_noise_discount": t.multires_noise_discount,
+        "ss_zero_terminal_snr": t.zero_terminal_snr,
+        "ss_min_snr_gamma": t.min_snr_gamma,
+        "ss_ip_noise_gamma": t.input_perturbation or None,
+        "ss_debiased_estimation": t.debiased_estimation,
+    }
 
 
 def _tag_frequency(captions: list[str]) -> dict[str, int]:

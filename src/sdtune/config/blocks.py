@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from sdtune.config.base import StrictModel
 from sdtune.config.rate_schedule import check_rate_schedule
@@ -120,17 +120,49 @@ class DataConfig(StrictModel):
         return self
 
 
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd", "lion", "came", "schedulefree_adamw"]
+# The optimizers that come from the `pytorch-optimizer` package (sdtune.train.optim).
+PYTORCH_OPTIMIZER_NAMES = ("lion", "came", "schedulefree_adamw")
+# Lion's betas when the config gives none (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+LION_BETAS = (0.9, 0.99)
+
+
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"] = "adamw"
-    """Optimizer. 8-bit AdamW needs bitsandbytes, Prodigy needs prodigyopt."""
+    name: OptimizerName = "adamw"
+    """Optimizer. 8-bit AdamW needs bitsandbytes, Prodigy needs prodigyopt; `lion` (Chen et al. 2023), `came`
+    (Luo et al. 2023, confidence-guided Adafactor) and `schedulefree_adamw` (Defazio et al. 2024) need
+    pytorch-optimizer (`pip install "sdtune[optimizers]"`). Lion takes a 3-10x smaller lr than AdamW (e.g. 3e-5 for
+    a LoRA). Schedule-free AdamW needs no decaying schedule (keep `schedule.name: constant`): it trains on one
+    weight sequence and averages another, and previews, the validation loss and every export use the average."""
     lr: LearningRate = Field(1e-4, examples=[1e-4])
     """Learning rate: a number, or A1111's schedule string `0.005:100, 1e-3:1000, 1e-5` (rate until step)."""
     weight_decay: float = Field(0.0, ge=0.0, examples=[0.01])
-    """Decoupled weight decay (AdamW)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam beta1, beta2."""
+    """Decoupled weight decay (AdamW, Lion, CAME, schedule-free AdamW)."""
+    betas: tuple[float, ...] = Field((0.9, 0.999), examples=[[0.9, 0.999]])
+    """Adam beta1, beta2 (also Lion's and schedule-free AdamW's; Lion's default is 0.9, 0.99). `came` takes a third
+    beta, the decay of its confidence estimate (default 0.9999, the CAME paper's)."""
     eps: float = Field(1e-8, gt=0, examples=[1e-8])
-    """Adam epsilon."""
+    """Adam epsilon (also schedule-free AdamW's)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lion_betas(cls, data):
+        """Lion's own default betas when the config sets none (AdamW's 0.999 is too slow a momentum for Lion)."""
+        if isinstance(data, dict) and data.get("name") == "lion" and "betas" not in data:
+            return {**data, "betas": LION_BETAS}
+        return data
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        if len(value) not in (2, 3) or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"two numbers in [0, 1) (three for came) (got {list(value)}); e.g. [0.9, 0.999]")
+        name = info.data.get("name")
+        if len(value) == 3 and name != "came":
+            raise ValueError(
+                f"only came takes a third beta (got {list(value)} for {name}); give two, e.g. [{value[0]}, {value[1]}]"
+            )
+        return value
 
 
 class ScheduleConfig(StrictModel):

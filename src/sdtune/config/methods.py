@@ -68,6 +68,15 @@ class WeightAverageFields(StrictModel):
     """EMA decay per step: the average spans about 1 / (1 - decay) steps. It ramps up as (1 + t) / (10 + t) first;
     for short runs use 0.99-0.999."""
 
+    @model_validator(mode="after")
+    def _one_average(self):
+        if self.ema and self.optimizer.name == "schedulefree_adamw":  # the mixin always sits beside RunBase
+            raise ValueError(
+                "ema: schedulefree_adamw already averages the weights it exports; set ema: false "
+                "(or use optimizer.name: adamw)"
+            )
+        return self
+
 
 class TextualInversionConfig(RunBase):
     """Train new token embeddings (textual inversion); the model itself stays frozen."""

@@ -58,7 +58,18 @@ RECOMPUTE_PASSES = 0.5  # checkpointing's recomputed forward, in forward passes 
 # parameter and step, at this fraction of the measured copy rate (fit to the SD 1.5 fine-tune row of BENCHMARKS.md)
 UPDATE_BYTES_PER_PARAMETER = 36
 UPDATE_EFFICIENCY = 0.11  # CPU AdamW is bound by its arithmetic, not by the copy rate
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 0, "sgd": 4}
+# Lion: one momentum; CAME: a momentum plus factored (row + column) statistics; schedule-free AdamW: z and the second
+# moment (its eval-weights switch copies the trained weights to host memory for the moment previews take).
+OPTIMIZER_BYTES = {
+    "adamw": 8,
+    "adamw8bit": 2,
+    "prodigy": 16,
+    "adafactor": 0,
+    "sgd": 4,
+    "lion": 4,
+    "came": 4,
+    "schedulefree_adamw": 8,
+}
 _FULL_WEIGHT_METHODS = ("dreambooth", "finetune")
 
 

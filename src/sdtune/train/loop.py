@@ -41,7 +41,7 @@ from sdtune.core.events import (
 )
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
-from sdtune.train.optim import FusedBackward, LearningRate, make_optimizer
+from sdtune.train.optim import FusedBackward, LearningRate, eval_weights, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
@@ -275,6 +275,15 @@ def _train(
 
     saved_step = start if last_checkpoint is not None else -1  # the same on every process
 
+    def users_weights():
+        """Previews, the validation loss and exports see the weights users get (schedule-free: the average);
+        checkpoints keep the training weights, so a resume continues from them."""
+        return eval_weights(optimizer, cfg.optimizer)
+
+    def exported(out_dir: Path, step: int) -> list[Path]:
+        with users_weights():
+            return job.export(out_dir, step)
+
     def save_checkpoint(step: int) -> Path | None:
         nonlocal saved_step
         saved_step = step
@@ -291,7 +300,7 @@ def _train(
                 opt_state,
                 {"step": step, "epoch": epoch(step)} | ({"loss_scaler": scaler.state_dict()} if scaler.enabled else {}),
                 rng,
-                export=lambda d: job.export(d, step),
+                export=lambda d: exported(d, step),
                 keep_last=cfg.save.keep_last,
                 config=dump_yaml(cfg),
             )
@@ -309,7 +318,7 @@ def _train(
         previewed_step = step
         if main:
             tic = time.perf_counter()
-            with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"):
+            with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"), users_weights():
                 paths, grid = job.preview(run.samples / f"step-{step}", step)
             seconds = time.perf_counter() - tic
             preview_seconds += seconds
@@ -389,7 +398,7 @@ def _train(
         speed = per_step / max(time.perf_counter() - tic, 1e-9)
         validation = None  # held-out loss at fixed noise and timesteps (main process; not in the step's speed)
         if main and validate is not None and step % t.validation_every_n_steps == 0:
-            with accelerator.autocast():
+            with accelerator.autocast(), users_weights():
                 validation = validate()
         if main:
             row = {
@@ -420,7 +429,7 @@ def _train(
     outputs: list[Path] = []
     if main:
         with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
-            outputs = job.export(run.output, step)
+            outputs = exported(run.output, step)
         for message in getattr(job, "export_warnings", ()):
             run.log(f"warning: {message}")
             bus.emit(RunWarning(step, message))

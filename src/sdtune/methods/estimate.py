@@ -41,6 +41,7 @@ import torch
 from sdtune.config.methods import RunBase
 from sdtune.data.latents import encode_batch_size
 from sdtune.models.components import build_modules
+from sdtune.models.family import ModelFamily
 from sdtune.models.loading import model_configs
 from sdtune.train.precision import cpu_has_bf16, resolve_precision
 from sdtune.train.recipe import storage_dtypes
@@ -124,7 +125,7 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
         count = sum(p.numel() for p in module.parameters())
         size = 4 if name in trained else torch.empty((), dtype=dtypes[name]).element_size()
         frozen[name] = count * size
-    trainables = _trainable_parameters(cfg, modules, trained)
+    trainables = _trainable_parameters(cfg, modules, trained, family)
     n_train = sum(p.numel() for p in trainables)
     trainable_bytes = 4 * n_train
     if full:  # the trained components are the trainables: not frozen bytes as well
@@ -211,7 +212,9 @@ def _trained_components(cfg: RunBase) -> set[str]:
     return out
 
 
-def _trainable_parameters(cfg: RunBase, modules: dict, trained: set[str]) -> list[torch.nn.Parameter]:
+def _trainable_parameters(
+    cfg: RunBase, modules: dict, trained: set[str], family: ModelFamily
+) -> list[torch.nn.Parameter]:
     """The tensors the method trains, on the meta-device model."""
     for module in modules.values():
         module.requires_grad_(False)
@@ -224,7 +227,8 @@ def _trainable_parameters(cfg: RunBase, modules: dict, trained: set[str]) -> lis
         components = {"unet": modules["unet"]} if cfg.train_unet else {}
         if cfg.train_text_encoder:
             components |= {n: m for n, m in modules.items() if n.startswith("text_encoder")}
-        params = [p for name, config in adapter_configs(cfg, components).items() for p in inject(modules[name], config)]
+        configs = adapter_configs(cfg, components, family)
+        params = [p for name, config in configs.items() for p in inject(modules[name], config)]
         if cfg.token:
             params += _token_rows(modules, cfg.num_vectors)
         return params

@@ -248,3 +248,24 @@ def test_training_options_reach_the_unet_and_weights_multiply():
     with torch.no_grad():
         per_sample = ((model.unet.conv(seen_x) - noise) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss, (per_sample * weights).mean(), rtol=1e-5, atol=0)
+
+
+def test_schedule_options_on_the_model_config_and_a_range_beyond_the_models_schedule():
+    from sdtune.config import LoraConfig
+    from sdtune.core.errors import ConfigError
+    from sdtune.train.recipe import apply_schedule_options
+
+    raw = {"method": "lora", "name": "x", "data": {"path": "."}, "model": {"prediction_type": "v_prediction"}}
+    cfg = LoraConfig.model_validate(raw | {"train": {"zero_terminal_snr": True, "timestep_range": [0, 800]}})
+    model = SimpleNamespace(scheduler_config={"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"})
+    apply_schedule_options(cfg, model)
+    assert model.scheduler_config["rescale_betas_zero_snr"] and model.scheduler_config["timestep_spacing"] == "trailing"
+    short = SimpleNamespace(scheduler_config={"num_train_timesteps": 500})
+    with pytest.raises(ConfigError) as exc:
+        apply_schedule_options(cfg, short)
+    message = "train.timestep_range: this model's schedule has 500 timesteps (got [0, 800]); e.g. [0, 500]"
+    assert str(exc.value) == message
+    plain = LoraConfig.model_validate(raw)
+    untouched = SimpleNamespace(scheduler_config={"num_train_timesteps": 1000})
+    apply_schedule_options(plain, untouched)
+    assert untouched.scheduler_config == {"num_train_timesteps": 1000}

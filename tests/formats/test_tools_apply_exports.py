@@ -23,6 +23,7 @@ from sdtune.core.dtypes import cast_floats
 from sdtune.formats.lora_files import (
     dense_lora_from_dora,
     kohya_metadata,
+    one_alpha,
     peft_diffusers_metadata,
     save_lora,
     to_kohya,
@@ -55,16 +56,34 @@ def parts(model) -> dict[str, torch.nn.Module]:
     return {k: v for k, v in model.modules().items() if k != "vae"}
 
 
-def adapted(base, kind: str):
-    """A copy of ``base`` with a random sdtune adapter of ``kind`` on the UNet and text encoders, and its configs."""
+def adapted(base, kind: str, block_ranks: bool = False):
+    """A copy of ``base`` with a random sdtune adapter of ``kind`` on the UNet and text encoders, and its configs.
+
+    ``block_ranks``: the configs of the LoRA recipe itself (``methods.lora.adapter_configs``) with kohya's per-block
+    ranks and alphas on the UNet (``block_dims`` 1, 2, 3, 1, ..., one block at 0; ``block_alphas`` 1.5 x rank)."""
     adapter, preset = KINDS[kind]
     model = copy.deepcopy(base)
     torch.manual_seed(3)
     configs = {}
+    if block_ranks:
+        from sdtune.config import LoraConfig
+        from sdtune.methods.lora import adapter_configs
+        from sdtune.models.unet_blocks import UNetBlocks
+
+        size = UNetBlocks.of(model.family, model.unet.config).size
+        dims = [i % 3 + 1 for i in range(size)]
+        dims[size // 2] = 0
+        raw = {"method": "lora", "name": "x", "data": {"path": "."}, "adapter": adapter, "targets": preset,
+               "rank": 4, "alpha": 8.0, "conv_rank": 2, "conv_alpha": 3.0, "train_text_encoder": True,
+               "block_dims": dims, "block_alphas": [1.5 * d for d in dims]}  # fmt: skip
+        configs = adapter_configs(LoraConfig.model_validate(raw), parts(model), model.family)
+        assert "to_q" not in configs["unet"].target_modules  # the rank-0 block left out: the targets are full paths
     for component, module in parts(model).items():
-        targets = list(UNET_TARGETS[preset] if component == "unet" else TEXT_ENCODER_TARGETS["attention_ff"])
-        convs = [t for t in targets if t in CONV_TARGETS]
-        configs[component] = peft_config(adapter, 4, 8.0 if component == "unet" else 2.0, targets, 0.0, 2, 3.0, convs)
+        if not block_ranks:
+            targets = list(UNET_TARGETS[preset] if component == "unet" else TEXT_ENCODER_TARGETS["attention_ff"])
+            convs = [t for t in targets if t in CONV_TARGETS]
+            unet = component == "unet"
+            configs[component] = peft_config(adapter, 4, 8.0 if unet else 2.0, targets, 0.0, 2, 3.0, convs)
         inject(module, configs[component])
         with torch.no_grad():
             for name, p in module.named_parameters():
@@ -73,13 +92,17 @@ def adapted(base, kind: str):
     return model, configs
 
 
-def write_kohya(model, configs, kind: str, path: Path, dtype: torch.dtype) -> Path:
-    """The file sdtune's LoRA recipe writes (``methods/lora.py`` ``export``, kohya/LyCORIS layout)."""
-    states = {c: cast_floats(adapter_state(m), dtype) for c, m in parts(model).items()}
+def write_kohya(model, configs, kind: str, path: Path, dtype: torch.dtype, block_ranks: bool = False) -> Path:
+    """The file sdtune's LoRA recipe writes (``methods/lora.py`` ``export``, kohya/LyCORIS layout; with per-block
+    ranks: one alpha, each module's scale folded into its ``lora_up``)."""
+    states = {
+        c: adapter_state(m) if block_ranks else cast_floats(adapter_state(m), dtype) for c, m in parts(model).items()
+    }
     algo = "locon" if kind == "locon" else KINDS[kind][0]
-    save_lora(
-        path, to_kohya(states, configs, model.family, model.unet.config), kohya_metadata(model.family, algo, 4, 8)
-    )
+    tensors = to_kohya(states, configs, model.family, model.unet.config)
+    if block_ranks:
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in one_alpha(tensors).items()}
+    save_lora(path, tensors, kohya_metadata(model.family, algo, 4, 8))
     return path
 
 
@@ -139,9 +162,22 @@ def assert_same_weights(got: dict, want: dict, base: dict, adapted: set, label: 
 @pytest.mark.parametrize(("family", "dtype"), [("sd1", torch.float32), ("sdxl", torch.float16)])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_ui_formulas_on_the_exported_file_equal_sdtunes_merge(tiny_model, tmp_path, family, dtype, kind) -> None:
-    base = tiny_model(family)
-    model, configs = adapted(base, kind)
-    path = write_kohya(model, configs, kind, tmp_path / "lora.safetensors", dtype)
+    check_ui_formulas(tiny_model(family), tmp_path, dtype, kind, block_ranks=False)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", ["locon", "loha"])
+def test_a_file_with_per_block_ranks_applies_in_every_ui_as_sdtunes_merge(tiny_model, tmp_path, family, kind) -> None:
+    check_ui_formulas(tiny_model(family), tmp_path, torch.float32, kind, block_ranks=True)
+
+
+def check_ui_formulas(base, tmp_path: Path, dtype: torch.dtype, kind: str, block_ranks: bool) -> None:
+    model, configs = adapted(base, kind, block_ranks)
+    path = write_kohya(model, configs, kind, tmp_path / "lora.safetensors", dtype, block_ranks)
+    if block_ranks:  # the file really has per-block ranks: several ranks among the UNet's modules
+        ranks = {p["lora_down.weight" if kind != "loha" else "hada_w1_b"].shape[0]
+                 for (c, _), p in file_modules(base, path).items() if c == "unet"}  # fmt: skip
+        assert {1, 2, 3} <= ranks
     before = weights(base)
     modules = file_modules(base, path)
     if kind == "dora":  # per input column, as the UIs apply it: [1, in] / [1, in, 1, 1]
@@ -177,11 +213,13 @@ def diffusers_weights(base, path: Path, strength: float) -> dict[tuple[str, str]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("kind", DIFFUSERS_PEFT)
+@pytest.mark.parametrize("kind", [*DIFFUSERS_PEFT, "locon-blocks"])
 def test_diffusers_loads_the_exported_peft_file_as_sdtunes_merge(tiny_model, tmp_path, family, kind) -> None:
     base = tiny_model(family)
-    model, configs = adapted(base, kind)
-    kohya = write_kohya(model, configs, kind, tmp_path / "kohya.safetensors", torch.float32)
+    block_ranks = kind.endswith("-blocks")  # a file with per-block ranks (kohya's block_dims)
+    kind = kind.removesuffix("-blocks")
+    model, configs = adapted(base, kind, block_ranks)
+    kohya = write_kohya(model, configs, kind, tmp_path / "kohya.safetensors", torch.float32, block_ranks)
     peft = write_peft(model, configs, tmp_path / "peft.safetensors", torch.float32)
     before = weights(base)
     adapted_modules = set(file_modules(base, kohya))

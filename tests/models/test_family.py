@@ -53,3 +53,14 @@ def test_sd2_file_without_prediction_metadata_is_assumed_v_and_says_so(tiny_mode
     assert detection.family.prediction_type == "v_prediction"
     assert any("assumed v-prediction" in note for note in detection.notes)
     assert detect(path).family.prediction_type == "epsilon"  # sdtune's own file says what it is
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_a_v_prediction_sd1_or_sdxl_model_loads_with_its_tokenizers(tiny_model, tmp_path, arch):
+    from sdtune.models.loading import load_model
+
+    path = save_model(tiny_model(arch), tmp_path / "m.safetensors", dtype=torch.float32)
+    model = load_model(path, prediction_type="v_prediction")  # e.g. for train.zero_terminal_snr
+    assert model.family == ModelFamily(arch, "v_prediction")
+    assert len(model.tokenizers) == len(model.text_encoders) == (2 if arch == "sdxl" else 1)
+    assert model.noise_scheduler().config.prediction_type == "v_prediction"

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -34,10 +34,18 @@ def peft_config(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     conv_modules: Sequence[str] = (),
+    *,
+    ranks: Mapping[str, int] | None = None,
+    alphas: Mapping[str, float] | None = None,
 ):
-    """A peft config for ``kind``; ``conv_rank``/``conv_alpha`` apply to the modules named in ``conv_modules``."""
+    """A peft config for ``kind``; ``conv_rank``/``conv_alpha`` apply to the modules named in ``conv_modules``.
+
+    ``ranks`` / ``alphas`` give single modules (full paths, e.g. per-block ranks) their own rank and alpha; they take
+    precedence over the suffix patterns (peft uses the first pattern that matches)."""
     rank_pattern = {name: conv_rank for name in conv_modules} if conv_rank else {}
     alpha_pattern = {name: conv_alpha for name in conv_modules} if conv_alpha else {}
+    rank_pattern = {**(ranks or {}), **{k: v for k, v in rank_pattern.items() if k not in (ranks or {})}}
+    alpha_pattern = {**(alphas or {}), **{k: v for k, v in alpha_pattern.items() if k not in (alphas or {})}}
     common = {"r": rank, "target_modules": list(targets), "rank_pattern": rank_pattern}
     if kind in ("lora", "dora", "locon"):
         make = input_dora_config if kind == "dora" else LoraConfig
@@ -69,8 +77,9 @@ def check_targets(modules: dict[str, nn.Module], suffixes: Sequence[str]) -> Non
             raise ValueError(f"'{suffix}' matches no Linear or Conv2d layer{hint}")
 
 
-def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int) -> None:
-    """A rank above a targeted layer's smaller side adds parameters that can learn nothing more."""
+def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int, ranks: Mapping[str, int] | None = None) -> None:
+    """A rank above a targeted layer's smaller side adds parameters that can learn nothing more. ``ranks`` gives
+    single modules (full paths) their own rank."""
     for names in matching_modules(module, suffixes).values():
         for name in names:
             layer = module.get_submodule(name)
@@ -79,8 +88,9 @@ def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int) -> None:
                 if isinstance(layer, nn.Linear)
                 else min(layer.in_channels, layer.out_channels)
             )
-            if rank > width:
-                raise ValueError(f"rank {rank} exceeds the width {width} of layer '{name}'; use a rank <= {width}")
+            wanted = (ranks or {}).get(name, rank)
+            if wanted > width:
+                raise ValueError(f"rank {wanted} exceeds the width {width} of layer '{name}'; use a rank <= {width}")
 
 
 def inject(module: nn.Module, config) -> list[nn.Parameter]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from sdtune.config.base import StrictModel
 from sdtune.config.rate_schedule import check_rate_schedule
@@ -120,17 +120,49 @@ class DataConfig(StrictModel):
         return self
 
 
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd", "lion", "came", "schedulefree_adamw"]
+# The optimizers that come from the `pytorch-optimizer` package (sdtune.train.optim).
+PYTORCH_OPTIMIZER_NAMES = ("lion", "came", "schedulefree_adamw")
+# Lion's betas when the config gives none (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+LION_BETAS = (0.9, 0.99)
+
+
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"] = "adamw"
-    """Optimizer. 8-bit AdamW needs bitsandbytes, Prodigy needs prodigyopt."""
+    name: OptimizerName = "adamw"
+    """Optimizer. 8-bit AdamW needs bitsandbytes, Prodigy needs prodigyopt; `lion` (Chen et al. 2023), `came`
+    (Luo et al. 2023, confidence-guided Adafactor) and `schedulefree_adamw` (Defazio et al. 2024) need
+    pytorch-optimizer (`pip install "sdtune[optimizers]"`). Lion takes a 3-10x smaller lr than AdamW (e.g. 3e-5 for
+    a LoRA). Schedule-free AdamW needs no decaying schedule (keep `schedule.name: constant`): it trains on one
+    weight sequence and averages another, and previews, the validation loss and every export use the average."""
     lr: LearningRate = Field(1e-4, examples=[1e-4])
     """Learning rate: a number, or A1111's schedule string `0.005:100, 1e-3:1000, 1e-5` (rate until step)."""
     weight_decay: float = Field(0.0, ge=0.0, examples=[0.01])
-    """Decoupled weight decay (AdamW)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam beta1, beta2."""
+    """Decoupled weight decay (AdamW, Lion, CAME, schedule-free AdamW)."""
+    betas: tuple[float, ...] = Field((0.9, 0.999), examples=[[0.9, 0.999]])
+    """Adam beta1, beta2 (also Lion's and schedule-free AdamW's; Lion's default is 0.9, 0.99). `came` takes a third
+    beta, the decay of its confidence estimate (default 0.9999, the CAME paper's)."""
     eps: float = Field(1e-8, gt=0, examples=[1e-8])
-    """Adam epsilon."""
+    """Adam epsilon (also schedule-free AdamW's)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lion_betas(cls, data):
+        """Lion's own default betas when the config sets none (AdamW's 0.999 is too slow a momentum for Lion)."""
+        if isinstance(data, dict) and data.get("name") == "lion" and "betas" not in data:
+            return {**data, "betas": LION_BETAS}
+        return data
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        if len(value) not in (2, 3) or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"two numbers in [0, 1) (three for came) (got {list(value)}); e.g. [0.9, 0.999]")
+        name = info.data.get("name")
+        if len(value) == 3 and name != "came":
+            raise ValueError(
+                f"only came takes a third beta (got {list(value)} for {name}); give two, e.g. [{value[0]}, {value[1]}]"
+            )
+        return value
 
 
 class ScheduleConfig(StrictModel):
@@ -144,6 +176,11 @@ class ScheduleConfig(StrictModel):
     """Cosine restarts."""
     power: float = Field(1.0, gt=0, examples=[1.0])
     """Polynomial decay power."""
+
+
+# Timesteps of the training noise schedule of every Stable Diffusion family (SD 1.x, 2.x and XL configs all have
+# 1000); a model with another count is checked when it loads (sdtune.train.recipe).
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 class TrainConfig(StrictModel):
@@ -165,6 +202,38 @@ class TrainConfig(StrictModel):
     """Min-SNR loss weighting (Hang et al. 2023); 5 is the recommended value; empty = off."""
     noise_offset: float = Field(0.0, ge=0.0, examples=[0.05])
     """Offset noise strength (Guttenberg 2023); helps very dark or bright images; 0 = off."""
+    multires_noise_iterations: int = Field(0, ge=0, le=64, examples=[6])
+    """Multi-resolution (pyramid) noise (Whitaker 2023; kohya's `--multires_noise_iterations`, 6-10 recommended):
+    the training noise becomes noise + sum over i < iterations of discount^i x bilinearly upsampled noise of size
+    side / r^i (r uniform in [2, 4), drawn per level; stops at size 1), rescaled to unit standard deviation per
+    sample. Like offset noise it helps very dark or bright images. The validation loss uses plain noise. 0 = off."""
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0, examples=[0.3])
+    """Weight ratio between successive levels of multi-resolution noise (kohya's `--multires_noise_discount`;
+    0.3 by default, 0.1-0.8 in use). Only with multires_noise_iterations > 0."""
+    input_perturbation: float = Field(0.0, ge=0.0, le=1.0, examples=[0.1])
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models";
+    diffusers' `--input_perturbation`, kohya's `--ip_noise_gamma`; 0.1 recommended): the noisy latents are made from
+    noise + gamma x N(0, 1) while the target stays the noise. The validation loss uses plain noise. 0 = off."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sampling Steps are Flawed"; diffusers' `rescale_betas_zero_snr`, kohya's `--zero_terminal_snr`): the last
+    timestep is pure noise, so the model learns to make very dark and very bright images. Needs
+    `model.prediction_type: v_prediction` (the noise is not predictable from pure noise). Previews, and the scheduler
+    of exported whole models, sample with the rescaled schedule and `trailing` timestep spacing; LoRA files record
+    it as `ss_zero_terminal_snr`."""
+    debiased_estimation: bool = False
+    """Debiased estimation loss (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training"; kohya's
+    `--debiased_estimation_loss`): each sample's loss is weighted by 1 / sqrt(SNR), for v-prediction 1 / (SNR + 1),
+    with SNR capped at 1000 as kohya does. Multiplies with min_snr_gamma when both are set."""
+    timestep_range: tuple[int, int] | None = Field(None, examples=[[200, 1000]])
+    """Train only on timesteps in [min, max) (kohya's `--min_timestep` / `--max_timestep`), e.g. `[0, 500]` for
+    detail, `[500, 1000]` for composition. Empty = the whole schedule [0, 1000). The validation loss keeps its
+    fixed timesteps over the whole schedule."""
+    timestep_shift: float = Field(1.0, gt=0.0, le=100.0, examples=[3.0])
+    """Shift of the training timesteps (SD3's timestep shift, Esser et al. 2024; OneTrainer's `timestep_shift`):
+    t = min + floor((max - min) x s u / (1 + (s - 1) u)) with u uniform in [0, 1) and [min, max) the
+    `timestep_range` (over the whole schedule this is OneTrainer's formula). Above 1 trains more on noisy timesteps
+    (3 puts half of them above t = 750), below 1 on clean ones. 1 = off: uniform integer timesteps."""
     gradient_checkpointing: bool = False
     """Trade compute for memory: every method recomputes activations in the backward pass instead of keeping them,
     in the UNet and in the text encoders the loss backpropagates through (textual inversion, pivotal tuning, a
@@ -178,6 +247,16 @@ class TrainConfig(StrictModel):
     to metrics.jsonl and TensorBoard. Needs `data.validation_split` or `data.validation_path`. 0 = off."""
     validation_timesteps: int = Field(4, ge=1, le=100, examples=[4])
     """Timesteps per validation image, spread evenly over the noise schedule."""
+
+    @field_validator("timestep_range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(
+                f"needs 0 <= min < max <= {NUM_TRAIN_TIMESTEPS} (the schedule's timesteps; max is left out) "
+                f"(got {list(value)}); e.g. [200, {NUM_TRAIN_TIMESTEPS}]"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fused_backward_fits(self) -> TrainConfig:

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sdtune.config.base import StrictModel
+from sdtune.config.block_weights import BlockWeights, check_block_weights, parse_block_weights
 from sdtune.config.blocks import (
     DataConfig,
     ModelConfig,
@@ -47,6 +48,16 @@ class RunBase(StrictModel):
             raise ValueError(f"use letters, digits, '.', '_', '-' or spaces (got {value!r}); e.g. my-concept")
         return value
 
+    @model_validator(mode="after")
+    def _schedule_fits_prediction(self) -> RunBase:
+        kind = self.model.prediction_type
+        if self.train.zero_terminal_snr and kind != "v_prediction":
+            raise ValueError(
+                f"train.zero_terminal_snr: needs model.prediction_type: v_prediction (got {kind}); the noise cannot "
+                "be predicted from pure noise at SNR 0. Set model.prediction_type: v_prediction or turn it off"
+            )
+        return self
+
 
 class WeightAverageFields(StrictModel):
     """The EMA fields shared by the methods that can average their trained weights."""
@@ -57,6 +68,15 @@ class WeightAverageFields(StrictModel):
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0, examples=[0.9999])
     """EMA decay per step: the average spans about 1 / (1 - decay) steps. It ramps up as (1 + t) / (10 + t) first;
     for short runs use 0.99-0.999."""
+
+    @model_validator(mode="after")
+    def _one_average(self):
+        if self.ema and self.optimizer.name == "schedulefree_adamw":  # the mixin always sits beside RunBase
+            raise ValueError(
+                "ema: schedulefree_adamw already averages the weights it exports; set ema: false "
+                "(or use optimizer.name: adamw)"
+            )
+        return self
 
 
 class TextualInversionConfig(RunBase):
@@ -110,6 +130,9 @@ class DreamBoothData(StrictModel):
     """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
 
 
+_BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
+
+
 class LoraConfig(WeightAverageFields, RunBase):
     """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
 
@@ -160,6 +183,82 @@ class LoraConfig(WeightAverageFields, RunBase):
     torchao`): SD 1.5's UNet takes 0.6 GB less, SDXL's 2.4 GB. Needs train.mixed_precision bf16 or fp16 and an
     additive adapter (not dora, whose magnitude needs the exact base weight). Meant for GPUs; on a CPU each use of
     a layer dequantizes it, so steps are slower."""
+    down_lr_weight: BlockWeights | None = Field(None, examples=["sine"])
+    """Block-wise learning rate (kohya's `down_lr_weight`): one multiplier of the UNet adapters' rate per UNet input
+    block, shallowest first (IN00-IN11 on SD 1.x/2.x: 12 values; IN00-IN08 on SDXL: 9; the built-in model: 6), or a
+    preset: sine, cosine, linear, reverse_linear, zeros, optionally +base (`sine+0.5`). A block at 0 gets no
+    adapters. Empty = 1 for every block."""
+    mid_lr_weight: list[float] | None = Field(None, examples=[[1.0]])
+    """Block-wise learning rate of the middle block (kohya's `mid_lr_weight`): 1 value on SD 1.x/2.x, 3 on SDXL
+    (its middle block's resnet, transformer, resnet). Empty = 1."""
+    up_lr_weight: BlockWeights | None = Field(None, examples=["cosine"])
+    """Block-wise learning rate of the UNet output blocks (kohya's `up_lr_weight`), deepest first (OUT00-OUT11 on
+    SD 1.x/2.x, OUT00-OUT08 on SDXL), or a preset as for down_lr_weight. Empty = 1 for every block."""
+    block_dims: list[int] | None = Field(None, examples=[[4] * 25])
+    """Rank per UNet block (kohya's `block_dims`): IN00-IN11, MID, OUT00-OUT11 on SD 1.x/2.x (25 values), BASE,
+    IN00-IN08, MID0-MID2, OUT00-OUT08, OUT on SDXL (23); 0 = no adapters in that block. The convolutions keep
+    conv_rank when it is set. Empty = rank everywhere."""
+    block_alphas: list[float] | None = Field(None, examples=[[2.0] * 25])
+    """Alpha per UNet block (kohya's `block_alphas`), one per block_dims entry. Empty = alpha (or each block's rank
+    when alpha is empty: scale 1). The kohya file holds one alpha and folds each block's own alpha / rank into its
+    `lora_up` (diffusers' kohya converter misreads per-module alphas): every tool applies the same weights."""
+
+    @field_validator("down_lr_weight", "up_lr_weight", mode="before")
+    @classmethod
+    def _weights_from_text(cls, value):
+        return parse_block_weights(value)
+
+    @field_validator("mid_lr_weight", "block_dims", "block_alphas", mode="before")
+    @classmethod
+    def _numbers_from_text(cls, value):
+        """kohya writes these as text: "1,1,0.5"."""
+        if isinstance(value, str):
+            try:
+                return [float(x) for x in value.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"expected numbers separated by commas (got {value!r}); e.g. 4, 4, 8") from None
+        return value
+
+    @field_validator("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+    @classmethod
+    def _valid_weights(cls, value):
+        return check_block_weights(value)
+
+    @field_validator("block_dims", "block_alphas")
+    @classmethod
+    def _non_negative(cls, value):
+        if value is not None and (not value or any(v < 0 for v in value)):
+            raise ValueError(f"one number >= 0 per UNet block (got {value}); e.g. 4 for each of SD 1.x's 25 blocks")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_blocks(self) -> LoraConfig:
+        down, mid, up = self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight
+        if isinstance(down, list) and isinstance(up, list) and len(down) != len(up):
+            raise ValueError(
+                f"up_lr_weight: the UNet has as many output blocks as input blocks; give {len(down)} values like "
+                f"down_lr_weight (got {len(up)})"
+            )
+        if mid is not None and len(mid) not in (1, 3):
+            raise ValueError(f"mid_lr_weight: 1 value (SD 1.x/2.x) or 3 (SDXL) (got {len(mid)}); e.g. [1.0]")
+        weights = down is not None or mid is not None or up is not None
+        if self.block_alphas is not None and self.block_dims is None:
+            raise ValueError("block_alphas: set block_dims too (one rank per block), or remove block_alphas")
+        dims, alphas = self.block_dims, self.block_alphas
+        if dims is not None and alphas is not None and len(alphas) != len(dims):
+            raise ValueError(f"block_alphas: one per block_dims entry: {len(dims)} values (got {len(alphas)})")
+        if (weights or self.block_dims is not None) and not self.train_unet:
+            given = [n for n in _BLOCK_OPTIONS if getattr(self, n) is not None]
+            raise ValueError(
+                f"{given[0]}: block options apply to the UNet adapters; set train_unet: true "
+                f"or remove {', '.join(given)}"
+            )
+        if weights and isinstance(self.optimizer.lr, str):
+            raise ValueError(
+                "optimizer.lr: a rate:step schedule string sets every adapter's rate; use a number with "
+                "down_lr_weight / mid_lr_weight / up_lr_weight"
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> LoraConfig:

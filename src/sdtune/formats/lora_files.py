@@ -60,6 +60,7 @@ from sdtune.models.family import ModelFamily
 
 __all__ = [
     "dense_lora_from_dora",
+    "one_alpha",
     "detect_lora_layout",
     "from_kohya",
     "kohya_metadata",
@@ -130,6 +131,28 @@ def to_kohya(
                 else:
                     alpha = scale * low_rank.shape[1]
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def one_alpha(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya tensors whose LoRA / DoRA modules all carry one ``alpha`` (the most common one), each module's own scale
+    ``alpha / rank`` kept by multiplying its ``lora_up`` by ``alpha / common``: the same weights in every tool.
+
+    For files with per-module alphas (per-block ranks and alphas): diffusers' kohya converter (0.42,
+    ``get_peft_kwargs``) builds its ``alpha_pattern`` from old attention-processor names (``...attn1.processor.
+    to_k_lora.down.weight``) that match no module, so attention layers whose alpha is not the most common one get
+    the wrong scale; with one alpha there is no pattern to get wrong. LoHa / LoKr modules are left as they are
+    (diffusers does not load them)."""
+    out = dict(tensors)
+    alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha") and f"{k[:-6]}.lora_up.weight" in tensors}
+    if len(set(alphas.values())) <= 1:
+        return out
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    for key, alpha in alphas.items():
+        if alpha != common:
+            up = f"{key[:-6]}.lora_up.weight"
+            out[up] = (tensors[up].double() * (alpha / common)).to(tensors[up].dtype)
+            out[key] = torch.tensor(common, dtype=tensors[key].dtype)
     return out
 
 

@@ -100,10 +100,12 @@ def kohya_metadata(
     conv_alpha: float | None = None,
     title: str = "",
     dora_on_output: bool = False,
+    network_args: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The ``ss_*`` and ``modelspec.*`` metadata sd-scripts writes, plus ``extra`` (all values strings).
 
     ``dora_on_output``: the DoRA magnitude is per output row (peft's, old sdtune files) instead of per input column.
+    ``network_args``: more of sd-scripts' ``--network_args`` for ``ss_network_args`` (e.g. ``block_dims``).
     """
     if algo not in ALGOS:
         raise ModelError(f"unknown LoRA algorithm '{algo}'; use one of {', '.join(ALGOS)}")
@@ -116,6 +118,7 @@ def kohya_metadata(
         args["conv_alpha"] = str(float(conv_alpha if conv_alpha is not None else conv_rank))
     if algo == "dora":
         args |= {"dora_wd": "True", "wd_on_output": str(dora_on_output)}
+    args |= dict(network_args or {})
     arch = family.modelspec_architecture + ("/lycoris" if lycoris else "/lora")
     resolution = family.resolution
     meta = {

@@ -41,6 +41,7 @@ import torch
 from sdtune.config.methods import RunBase
 from sdtune.data.latents import encode_batch_size
 from sdtune.models.components import build_modules
+from sdtune.models.family import ModelFamily
 from sdtune.models.loading import model_configs
 from sdtune.train.precision import cpu_has_bf16, resolve_precision
 from sdtune.train.recipe import storage_dtypes
@@ -58,7 +59,18 @@ RECOMPUTE_PASSES = 0.5  # checkpointing's recomputed forward, in forward passes 
 # parameter and step, at this fraction of the measured copy rate (fit to the SD 1.5 fine-tune row of BENCHMARKS.md)
 UPDATE_BYTES_PER_PARAMETER = 36
 UPDATE_EFFICIENCY = 0.11  # CPU AdamW is bound by its arithmetic, not by the copy rate
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 0, "sgd": 4}
+# Lion: one momentum; CAME: a momentum plus factored (row + column) statistics; schedule-free AdamW: z and the second
+# moment (its eval-weights switch copies the trained weights to host memory for the moment previews take).
+OPTIMIZER_BYTES = {
+    "adamw": 8,
+    "adamw8bit": 2,
+    "prodigy": 16,
+    "adafactor": 0,
+    "sgd": 4,
+    "lion": 4,
+    "came": 4,
+    "schedulefree_adamw": 8,
+}
 _FULL_WEIGHT_METHODS = ("dreambooth", "finetune")
 
 
@@ -116,7 +128,7 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
         if name == "unet" and getattr(cfg, "fp8_base", False):  # linear weights: 1 byte + an fp32 scale per row
             linears = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
             frozen[name] -= sum(w.numel() * (size - 1) - 4 * w.shape[0] for w in linears)
-    trainables = _trainable_parameters(cfg, modules, trained)
+    trainables = _trainable_parameters(cfg, modules, trained, family)
     n_train = sum(p.numel() for p in trainables)
     trainable_bytes = 4 * n_train
     if full:  # the trained components are the trainables: not frozen bytes as well
@@ -203,7 +215,9 @@ def _trained_components(cfg: RunBase) -> set[str]:
     return out
 
 
-def _trainable_parameters(cfg: RunBase, modules: dict, trained: set[str]) -> list[torch.nn.Parameter]:
+def _trainable_parameters(
+    cfg: RunBase, modules: dict, trained: set[str], family: ModelFamily
+) -> list[torch.nn.Parameter]:
     """The tensors the method trains, on the meta-device model."""
     for module in modules.values():
         module.requires_grad_(False)
@@ -216,7 +230,8 @@ def _trainable_parameters(cfg: RunBase, modules: dict, trained: set[str]) -> lis
         components = {"unet": modules["unet"]} if cfg.train_unet else {}
         if cfg.train_text_encoder:
             components |= {n: m for n, m in modules.items() if n.startswith("text_encoder")}
-        params = [p for name, config in adapter_configs(cfg, components).items() for p in inject(modules[name], config)]
+        configs = adapter_configs(cfg, components, family)
+        params = [p for name, config in configs.items() for p in inject(modules[name], config)]
         if cfg.token:
             params += _token_rows(modules, cfg.num_vectors)
         return params

@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft.tuners.tuners_utils import BaseTunerLayer
 from rich.console import Console
 
-from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, peft_config
+from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, matching_modules, peft_config
 from sdtune.adapters.token_embedding import add_trainable_token, expand_token
+from sdtune.config.block_weights import expand_block_weights
 from sdtune.config.methods import LoraConfig
 from sdtune.core.dtypes import cast_floats, torch_dtype
 from sdtune.core.errors import ConfigError, DataError
@@ -46,6 +48,7 @@ from sdtune.formats.hashes import a1111_short_hash
 from sdtune.formats.lora_files import (
     dense_lora_from_dora,
     kohya_metadata,
+    one_alpha,
     peft_diffusers_metadata,
     save_lora,
     to_kohya,
@@ -59,8 +62,10 @@ from sdtune.inference.previews import (
     preview_settings,
     render_previews,
 )
+from sdtune.models.family import ModelFamily
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import encode_prompts
+from sdtune.models.unet_blocks import UNetBlocks
 from sdtune.train.ema import WeightAverage
 from sdtune.train.loop import sample_rng
 from sdtune.train.precision import fp8_frozen_linears
@@ -80,10 +85,11 @@ from sdtune.train.recipe import (
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
-def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module]) -> dict:
+def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module], family: ModelFamily) -> dict:
     """The peft config of each component that gets adapters (``unet``, ``text_encoder``, ``text_encoder_2`` in
     ``components``): every explicit target must exist somewhere (else the nearest layer names), the rank must fit
-    the layers; components that none of the explicit targets live in get none."""
+    the layers; components that none of the explicit targets live in get none. The UNet's block options
+    (``block_dims``, ``block_alphas``, a block-wise rate of 0) become per-module ranks, alphas and exclusions."""
     if cfg.target_modules:
         try:
             check_targets(components, cfg.target_modules)
@@ -98,15 +104,87 @@ def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module]) -> 
             targets = list((UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS)[cfg.targets])
         if not targets:  # explicit targets that all live in other components
             continue
-        try:
-            check_rank(module, targets, cfg.rank)
-        except ValueError as exc:
-            raise ConfigError(f"rank: {name}: {exc}") from None
         alpha = cfg.alpha or cfg.rank
         conv_alpha = (cfg.conv_alpha or alpha) if cfg.conv_rank else None
         conv = [t for t in targets if t in CONV_TARGETS]
-        configs[name] = peft_config(cfg.adapter, cfg.rank, alpha, targets, cfg.dropout, cfg.conv_rank, conv_alpha, conv)
+        ranks, alphas, exclude = ({}, {}, []) if name != "unet" else block_ranks(cfg, module, targets, conv, family)
+        if exclude:  # blocks without adapters: the targets become the full paths of the modules that get one
+            left_out = set(exclude)
+            matched = [p for paths in matching_modules(module, targets).values() for p in paths]
+            targets = [p for p in dict.fromkeys(matched) if p not in left_out]
+        try:
+            check_rank(module, targets, cfg.rank, ranks)
+        except ValueError as exc:
+            raise ConfigError(f"{'block_dims' if ranks else 'rank'}: {name}: {exc}") from None
+        configs[name] = peft_config(
+            cfg.adapter, cfg.rank, alpha, targets, cfg.dropout, cfg.conv_rank, conv_alpha, conv,
+            ranks=ranks, alphas=alphas,
+        )  # fmt: skip
     return configs
+
+
+def block_lr_weights(cfg: LoraConfig, blocks: UNetBlocks) -> list[float] | None:
+    """One multiplier of the UNet adapters' rate per block (:mod:`sdtune.models.unet_blocks` order), from
+    ``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight`` (presets expanded); ``None`` when none is set. A list
+    of the wrong length for this model is a one-line :class:`ConfigError`."""
+    given = {"down_lr_weight": cfg.down_lr_weight, "mid_lr_weight": cfg.mid_lr_weight, "up_lr_weight": cfg.up_lr_weight}
+    if all(v is None for v in given.values()):
+        return None
+    counts = {"down_lr_weight": blocks.num_in, "mid_lr_weight": blocks.num_mid, "up_lr_weight": blocks.num_in}
+    what = {"down_lr_weight": "input blocks", "mid_lr_weight": "middle blocks", "up_lr_weight": "output blocks"}
+    lists = {}
+    for field, value in given.items():
+        if value is None:
+            continue
+        n = counts[field]
+        if isinstance(value, list) and len(value) != n:
+            raise ConfigError(
+                f"{field}: this UNet has {n} {what[field]} ({blocks.describe()}); give {n} values "
+                f"(got {len(value)}), e.g. {[1.0] * n} or a preset such as sine"
+                if field != "mid_lr_weight"
+                else f"{field}: this UNet's middle block counts as {n} (got {len(value)} values); e.g. {[1.0] * n}"
+            )
+        lists[field] = expand_block_weights(value, n)
+    return blocks.lr_weights(lists.get("down_lr_weight"), lists.get("mid_lr_weight"), lists.get("up_lr_weight"))
+
+
+def block_ranks(
+    cfg: LoraConfig, unet: torch.nn.Module, targets: list[str], conv: list[str], family: ModelFamily
+) -> tuple[dict[str, int], dict[str, float], list[str]]:
+    """Per-module ranks and alphas (full module paths) from ``block_dims`` / ``block_alphas``, and the modules that
+    get no adapter (a block of rank 0 or of learning-rate weight 0, as kohya leaves them out). The convolution
+    targets keep ``conv_rank`` when it is set."""
+    blocks = UNetBlocks.of(family, unet.config)
+    weights = block_lr_weights(cfg, blocks)
+    dims, block_alphas = cfg.block_dims, cfg.block_alphas
+    if weights is None and dims is None:
+        return {}, {}, []
+    if dims is not None and len(dims) != blocks.size:
+        raise ConfigError(
+            f"block_dims: this {family.name} UNet has {blocks.size} blocks ({blocks.describe()}); give {blocks.size} "
+            f"ranks (got {len(dims)}), e.g. {[cfg.rank] * blocks.size}"
+        )
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    exclude: list[str] = []
+    for suffix, paths in matching_modules(unet, targets).items():
+        keeps_conv_rank = suffix in conv and cfg.conv_rank is not None
+        for path in paths:
+            index = blocks.index(path)
+            if index is None:
+                continue  # outside every block: the plain rank and rate
+            zero_rate = weights is not None and weights[index] == 0
+            zero_rank = dims is not None and dims[index] == 0 and not keeps_conv_rank  # kohya: convs keep conv_dim
+            if zero_rate or zero_rank:
+                exclude.append(path)
+                continue
+            if dims is None or keeps_conv_rank:
+                continue
+            ranks[path] = dims[index]
+            alphas[path] = block_alphas[index] if block_alphas else (cfg.alpha or dims[index])
+    if exclude and len(exclude) == sum(len(p) for p in matching_modules(unet, targets).values()):
+        raise ConfigError("block_dims: every UNet block is at rank 0 or learning-rate weight 0; nothing would train")
+    return ranks, alphas, exclude
 
 
 class LoraJob:
@@ -159,7 +237,9 @@ class LoraJob:
         self.components = {"unet": self.model.unet} if cfg.train_unet else {}
         if cfg.train_text_encoder:
             self.components |= dict(zip(("text_encoder", "text_encoder_2"), self.model.text_encoders, strict=False))
-        self.peft_configs = adapter_configs(cfg, self.components)
+        self.peft_configs = adapter_configs(cfg, self.components, self.model.family)
+        self.blocks = UNetBlocks.of(self.model.family, self.model.unet.config)  # block-wise rates (kohya's)
+        self.block_lr = block_lr_weights(cfg, self.blocks) if cfg.train_unet else None
         self.components = {name: self.components[name] for name in self.peft_configs}
         self.params = {}
         for name, config in self.peft_configs.items():
@@ -216,10 +296,29 @@ class LoraJob:
         groups = []
         for name, params in self.params.items():
             rate = (cfg.unet_lr if name == "unet" else cfg.text_encoder_lr) or base
-            groups.append({"params": params, "lr": rate})
+            if name == "unet" and self.block_lr is not None:  # block-wise rates: one group per UNet block
+                groups += self._block_groups(params, rate)
+            else:
+                groups.append({"params": params, "lr": rate})
         if self.tables:
             groups.append({"params": [t.extra for t in self.tables], "lr": cfg.token_lr})
         return groups
+
+    def _block_groups(self, params: list[torch.nn.Parameter], rate: float) -> list[dict]:
+        """kohya's block-wise learning rate: the UNet adapters of block i train at ``rate x weight[i]``, one group
+        per block (in block order; modules outside every block last, at ``rate``)."""
+        by_block: dict[int | None, list[torch.nn.Parameter]] = {}
+        for path, layer in self.model.unet.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                trained = [p for p in layer.parameters() if p.requires_grad]
+                by_block.setdefault(self.blocks.index(path), []).extend(trained)
+        grouped = [p for ps in by_block.values() for p in ps]
+        if sorted(map(id, grouped)) != sorted(map(id, params)):
+            raise RuntimeError("block-wise rates: the UNet adapters' parameters are not one per adapter layer")
+        order = sorted(by_block, key=lambda i: (i is None, i or 0))
+        return [
+            {"params": by_block[i], "lr": rate * (1.0 if i is None else self.block_lr[i])} for i in order if by_block[i]
+        ]
 
     def num_examples(self) -> int:
         return len(self.data)
@@ -297,7 +396,8 @@ class LoraJob:
             save_lora(path, to_peft_diffusers(states, family), peft_diffusers_metadata(configs))
             self._check_compatibility([path])
             return outputs
-        states = {name: cast_floats(state, dtype) for name, state in states.items()}
+        if cfg.block_dims is None:
+            states = {name: cast_floats(state, dtype) for name, state in states.items()}
         training = {
             "ss_output_name": cfg.name,
             "ss_steps": step,
@@ -309,6 +409,7 @@ class LoraJob:
             "ss_sd_model_name": self.base_path.name,
             "ss_network_dropout": cfg.dropout,
             "ss_seed": cfg.train.seed,
+            **_noise_metadata(cfg),
             "ss_tag_frequency": json.dumps({"data": _tag_frequency(self.data.captions)}),
         }
         if self.base_path.is_file():
@@ -323,8 +424,12 @@ class LoraJob:
             conv_rank=cfg.conv_rank,
             conv_alpha=cfg.conv_alpha,
             title=cfg.name,
+            network_args=_block_args(cfg),
         )
-        save_lora(path, to_kohya(states, self.peft_configs, family, self.model.unet.config), metadata)
+        tensors = to_kohya(states, self.peft_configs, family, self.model.unet.config)
+        if cfg.block_dims is not None:  # per-block alphas: one alpha in the file (diffusers' converter), then cast
+            tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in one_alpha(tensors).items()}
+        save_lora(path, tensors, metadata)
         self._check_compatibility([path])
         return outputs
 
@@ -365,6 +470,30 @@ class LoraJob:
         settings = preview_settings(p, self.resolution)
         with eval_mode(self.components.values()), self.averaged():
             return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
+
+
+def _noise_metadata(cfg: LoraConfig) -> dict[str, object]:
+    """The noise and loss options under sd-scripts' ``ss_*`` names (``train_network.py``), as it writes them."""
+    t = cfg.train
+    return {
+        "ss_noise_offset": t.noise_offset or None,
+        "ss_multires_noise_iterations": t.multires_noise_iterations or None,
+        "ss_multires_noise_discount": t.multires_noise_discount,
+        "ss_zero_terminal_snr": t.zero_terminal_snr,
+        "ss_min_snr_gamma": t.min_snr_gamma,
+        "ss_ip_noise_gamma": t.input_perturbation or None,
+        "ss_debiased_estimation": t.debiased_estimation,
+    }
+
+
+def _block_args(cfg: LoraConfig) -> dict[str, str]:
+    """The block options as sd-scripts' ``--network_args`` write them (comma-separated numbers or a preset name)."""
+    out = {}
+    for field in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas"):
+        value = getattr(cfg, field)
+        if value is not None:
+            out[field] = value if isinstance(value, str) else ",".join(f"{v:g}" for v in value)
+    return out
 
 
 def _tag_frequency(captions: list[str]) -> dict[str, int]:

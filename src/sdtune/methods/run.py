@@ -26,6 +26,7 @@ from sdtune.train.config_changes import check_resume, describe
 from sdtune.train.disk_errors import WriteGuard
 from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
 from sdtune.train.loop import train
+from sdtune.train.optim import check_optimizer
 from sdtune.train.precision import precision_note, resolve_precision
 from sdtune.train.rundir import RunDir
 
@@ -68,7 +69,8 @@ def run(
     # Launched as several processes (torchrun / accelerate launch) without CUDA: accelerate forms the gloo
     # process group only in its CPU mode; a single process keeps accelerate's own device choice.
     cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # A precision the device cannot do is one line before anything starts.
+    # An optimizer whose package is missing, or a precision the device cannot do, is one line before anything starts.
+    check_optimizer(cfg.optimizer)
     precision = resolve_precision(cfg.train.mixed_precision, base=cfg.model.base)
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu_group)
     if accelerator.is_main_process and (note := precision_note(precision, accelerator.device.type)):

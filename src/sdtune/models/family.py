@@ -64,10 +64,12 @@ class ModelFamily:
 
     @property
     def config_name(self) -> str:
-        """Name of the shipped config folder under ``models/assets/configs``."""
+        """Name of the shipped config folder under ``models/assets/configs``. Only SD 2.x ships a v-prediction
+        folder (768-v: a larger UNet sample size); SD 1.x and SDXL v-prediction models (e.g. trained with zero
+        terminal SNR) use their architecture's folder, whose scheduler gets the prediction type applied."""
         if self.inpainting:
             return f"{self.arch}-inpaint"
-        return self.name
+        return self.name if self.arch == "sd2" else self.arch
 
     @property
     def resolution(self) -> int:

@@ -6,6 +6,7 @@ evaluations of the same weights give the same number and evaluations at differen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,7 +14,14 @@ import torch
 
 from sdtune.models.components import SDComponents, vae_scale_factor
 from sdtune.models.text_encoding import Conditioning
-from sdtune.train.noise import diffusion_loss, min_snr_weights, per_sample_noise, per_sample_timesteps, target
+from sdtune.train.noise import (
+    debiased_weights,
+    diffusion_loss,
+    min_snr_weights,
+    per_sample_noise,
+    per_sample_timesteps,
+    target,
+)
 
 
 def denoising_loss(
@@ -25,32 +33,57 @@ def denoising_loss(
     *,
     noise_offset: float = 0.0,
     min_snr_gamma: float | None = None,
+    debiased_estimation: bool = False,
+    multires_noise_iterations: int = 0,
+    multires_noise_discount: float = 0.3,
+    input_perturbation: float = 0.0,
+    timestep_range: tuple[int, int] | None = None,
+    timestep_shift: float = 1.0,
     weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean (optionally Min-SNR-, per-sample- and per-pixel-weighted) MSE of the UNet's prediction against its target.
+    """Mean (optionally Min-SNR-, debiased-, per-sample- and per-pixel-weighted) MSE of the UNet's prediction against
+    its target.
 
-    Sample i's noise and timestep come from ``generators[i]`` only (see :mod:`sdtune.train.loop`). ``mask``
-    (``[B, 1, h, w]`` at latent resolution, e.g. from :meth:`sdtune.data.dataset.ImageCaptionSet.latents_and_weights`)
-    weights pixels, normalised per sample so an all-ones mask equals no mask. ``timesteps`` (``[B]``) replaces the
-    random draw (validation); the noise still comes from the generators. SDXL's size conditioning is the latents'
-    size in pixels (a bucket's size with ``data.buckets``).
+    Sample i's noise, timestep and input perturbation come from ``generators[i]`` only (see
+    :mod:`sdtune.train.loop`), drawn in that order. Training options (:class:`sdtune.config.blocks.TrainConfig`):
+    offset and multi-resolution noise (:func:`~sdtune.train.noise.per_sample_noise`), the timesteps' range and shift
+    (:func:`~sdtune.train.noise.per_sample_timesteps`), input perturbation (Ning et al. 2023: the UNet sees
+    ``add_noise(latents, noise + gamma * N(0, 1), t)`` while the target is made from ``noise``), the loss weights of
+    Min-SNR and debiased estimation (multiplied when both are on, as kohya does). ``mask`` (``[B, 1, h, w]`` at
+    latent resolution, e.g. from :meth:`sdtune.data.dataset.ImageCaptionSet.latents_and_weights`) weights pixels,
+    normalised per sample so an all-ones mask equals no mask. ``timesteps`` (``[B]``) replaces the random draw: the
+    validation loss, which measures the plain denoising error, so multi-resolution noise and input perturbation are
+    left out (offset noise and the loss weights stay). SDXL's size conditioning is the latents' size in pixels (a
+    bucket's size with ``data.buckets``).
     """
     device, dtype = latents.device, model.unet.dtype
-    noise = per_sample_noise(latents.shape[1:], generators, noise_offset).to(device)
-    if timesteps is None:
-        timesteps = per_sample_timesteps(scheduler.config.num_train_timesteps, generators)
+    training = timesteps is None
+    multires = multires_noise_iterations if training else 0
+    noise = per_sample_noise(latents.shape[1:], generators, noise_offset, multires, multires_noise_discount).to(device)
+    if training:
+        T = scheduler.config.num_train_timesteps
+        timesteps = per_sample_timesteps(T, generators, timestep_range, timestep_shift)
     timesteps = timesteps.to(device=device, dtype=torch.long)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    model_noise = noise
+    if training and input_perturbation > 0:
+        extra = torch.stack([torch.randn(tuple(latents.shape[1:]), generator=g) for g in generators]).to(device)
+        model_noise = noise + input_perturbation * extra
+    noisy = scheduler.add_noise(latents, model_noise, timesteps)
     factor = vae_scale_factor(model)  # the image size (SDXL's size conditioning) follows the latents: buckets
-    extra = cond.unet_kwargs(latents.shape[-2] * factor, latents.shape[-1] * factor)
-    prediction = model.unet(noisy.to(dtype), timesteps, cond.context.to(dtype), **extra).sample
-    snr = min_snr_weights(scheduler, timesteps, min_snr_gamma) if min_snr_gamma else None
+    extra_cond = cond.unet_kwargs(latents.shape[-2] * factor, latents.shape[-1] * factor)
+    prediction = model.unet(noisy.to(dtype), timesteps, cond.context.to(dtype), **extra_cond).sample
+    factors = []  # per-sample loss weights, multiplied
+    if min_snr_gamma:
+        factors.append(min_snr_weights(scheduler, timesteps, min_snr_gamma))
+    if debiased_estimation:
+        factors.append(debiased_weights(scheduler, timesteps))
     if weights is not None:
-        snr = weights.to(device) if snr is None else snr * weights.to(device)
+        factors.append(weights.to(device))
+    loss_weights = math.prod(factors[1:], start=factors[0]) if factors else None
     mask = mask.to(device) if mask is not None else None
-    return diffusion_loss(prediction, target(scheduler, latents, noise, timesteps), snr, mask)
+    return diffusion_loss(prediction, target(scheduler, latents, noise, timesteps), loss_weights, mask)
 
 
 def validation_timesteps(num_train_timesteps: int, count: int) -> list[int]:

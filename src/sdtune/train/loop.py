@@ -42,7 +42,7 @@ from sdtune.core.events import (
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.train.disk_errors import WriteGuard, disk_problem, failed_path, tensor_bytes
 from sdtune.train.offload import Parking, park_frozen
-from sdtune.train.optim import FusedBackward, LearningRate, make_optimizer
+from sdtune.train.optim import FusedBackward, LearningRate, eval_weights, make_optimizer
 from sdtune.train.plots import plot_loss
 from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
@@ -282,6 +282,15 @@ def _train(
 
     saved_step = start if last_checkpoint is not None else -1  # the same on every process
 
+    def users_weights():
+        """Previews, the validation loss and exports see the weights users get (schedule-free: the average);
+        checkpoints keep the training weights, so a resume continues from them."""
+        return eval_weights(optimizer, cfg.optimizer)
+
+    def exported(out_dir: Path, step: int) -> list[Path]:
+        with users_weights(), parking.in_use():  # a whole-model export writes the parked VAE and text encoders
+            return job.export(out_dir, step)
+
     def save_checkpoint(step: int) -> Path | None:
         nonlocal saved_step
         saved_step = step
@@ -298,7 +307,7 @@ def _train(
                 opt_state,
                 {"step": step, "epoch": epoch(step)} | ({"loss_scaler": scaler.state_dict()} if scaler.enabled else {}),
                 rng,
-                export=lambda d: _export(job, parking, d, step),
+                export=lambda d: exported(d, step),
                 keep_last=cfg.save.keep_last,
                 config=dump_yaml(cfg),
             )
@@ -316,7 +325,7 @@ def _train(
         previewed_step = step
         if main:
             tic = time.perf_counter()
-            with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"):
+            with writes.writing(f"previews of step {step}", run.samples / f"step-{step}"), users_weights():
                 with parking.in_use():
                     paths, grid = job.preview(run.samples / f"step-{step}", step)
             seconds = time.perf_counter() - tic
@@ -397,7 +406,7 @@ def _train(
         speed = per_step / max(time.perf_counter() - tic, 1e-9)
         validation = None  # held-out loss at fixed noise and timesteps (main process; not in the step's speed)
         if main and validate is not None and step % t.validation_every_n_steps == 0:
-            with accelerator.autocast():
+            with accelerator.autocast(), users_weights():
                 validation = validate()
         if main:
             row = {
@@ -428,7 +437,7 @@ def _train(
     outputs: list[Path] = []
     if main:
         with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
-            outputs = _export(job, parking, run.output, step)
+            outputs = exported(run.output, step)
         for message in getattr(job, "export_warnings", ()):
             run.log(f"warning: {message}")
             bus.emit(RunWarning(step, message))
@@ -441,11 +450,6 @@ def _train(
         run.clear_stop()  # honoured: resuming starts clean
     bus.emit(RunFinished(step, tuple(map(str, outputs)), reason, train_seconds, preview_seconds))
     return outputs
-
-
-def _export(job: Job, parking: Parking, out_dir: Path, step: int) -> list[Path]:
-    with parking.in_use():  # a whole-model export writes the parked VAE and text encoders too
-        return job.export(out_dir, step)
 
 
 SetupFn = Callable[..., Job]

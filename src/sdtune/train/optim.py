@@ -6,23 +6,34 @@ string), so resuming at step N needs no scheduler state: the same step gives the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers.optimization import get_scheduler
 
-from sdtune.config.blocks import OptimizerConfig, ScheduleConfig
+from sdtune.config.blocks import PYTORCH_OPTIMIZER_NAMES, OptimizerConfig, ScheduleConfig
 from sdtune.config.rate_schedule import RateSchedule
 from sdtune.core.errors import TrainingError
 
 
-def _require(package: str, name: str) -> None:
+def _require(package: str, name: str, install: str | None = None) -> None:
     if importlib.util.find_spec(package) is None:
         raise TrainingError(
-            f"optimizer.name: {name} needs the '{package}' package; pip install {package} "
+            f"optimizer.name: {name} needs the '{package}' package; pip install {install or package} "
             "(or use optimizer.name: adamw)"
         )
+
+
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """A one-line :class:`TrainingError` when the package an optimizer comes from is not installed (before the
+    model loads: run start-up calls it)."""
+    packages = {"adamw8bit": ("bitsandbytes", None), "prodigy": ("prodigyopt", None)}
+    packages |= dict.fromkeys(PYTORCH_OPTIMIZER_NAMES, ("pytorch_optimizer", "pytorch-optimizer"))
+    if cfg.name in packages:
+        module, install = packages[cfg.name]
+        _require(module, cfg.name, install)
 
 
 def make_optimizer(groups: Sequence[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -49,7 +60,53 @@ def make_optimizer(groups: Sequence[dict], cfg: OptimizerConfig) -> torch.optim.
         return Adafactor(
             groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.weight_decay
         )
+    if cfg.name in PYTORCH_OPTIMIZER_NAMES:
+        return _pytorch_optimizer(groups, cfg)
     return torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _pytorch_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Lion, CAME and schedule-free AdamW from pytorch-optimizer (kozistr/pytorch_optimizer), with the config's
+    betas and decoupled weight decay (each class's default ``weight_decouple``)."""
+    _require("pytorch_optimizer", cfg.name, "pytorch-optimizer")
+    import pytorch_optimizer as po
+
+    betas, decay = tuple(cfg.betas), cfg.weight_decay
+    if cfg.name == "lion":
+        return po.Lion(groups, betas=betas, weight_decay=decay)
+    if cfg.name == "came":
+        return po.CAME(groups, betas=betas if len(betas) == 3 else (*betas, CAME_BETA3), weight_decay=decay)
+    return po.ScheduleFreeAdamW(groups, betas=betas, weight_decay=decay, eps=cfg.eps)
+
+
+# CAME's third beta (the decay of its confidence estimate) when the config gives two: the paper's and
+# pytorch-optimizer's default (Luo et al. 2023, "CAME: Confidence-guided Adaptive Memory Efficient Optimization").
+CAME_BETA3 = 0.9999
+SCHEDULE_FREE = ("schedulefree_adamw",)
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> Iterator[None]:
+    """Inside the block the parameters hold the weights users get. Schedule-free AdamW (Defazio et al. 2024, "The
+    Road Less Scheduled") trains at y and evaluates at the average x: ``optimizer.eval()`` moves the parameters to x;
+    on the way out they get back exactly the y they held (a copy: ``optimizer.train()``'s interpolation back rounds,
+    and an exact resume must replay bit for bit). Every other optimizer: nothing to do."""
+    if cfg.name not in SCHEDULE_FREE:
+        yield
+        return
+    inner = optimizer.optimizers if isinstance(optimizer, FusedBackward) else [optimizer]
+    params = [p for o in inner for g in o.param_groups for p in g["params"]]
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    for o in inner:
+        o.eval()
+    try:
+        yield
+    finally:
+        for o in inner:
+            o.train()
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
 
 
 class LearningRate:
@@ -141,6 +198,11 @@ class FusedBackward(torch.optim.Optimizer):
             param.grad = None
 
         return step
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The per-parameter optimizers."""
+        return self._optimizers
 
     def take_grad_norm(self) -> float:
         """The norm of this step's gradients (before clipping); NaN when one was not finite. Resets."""

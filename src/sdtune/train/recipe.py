@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from sdtune.config.blocks import DataConfig
 from sdtune.config.methods import RunBase
+from sdtune.core.errors import ConfigError
 from sdtune.data import CaptionOptions, Templates, load_templates
 from sdtune.data.dataset import ImageCaptionSet, has_validation
 from sdtune.data.disk_cache import text_store
@@ -97,7 +98,27 @@ def frozen_base(
         model = model.to(accelerator.device)
     for module in model.modules().values():
         module.requires_grad_(False).eval()
+    apply_schedule_options(cfg, model)
     return base_path, model
+
+
+def apply_schedule_options(cfg: RunBase, model: SDComponents) -> None:
+    """The run's noise-schedule options on the model's scheduler config, the one every later user reads (the
+    training scheduler, previews, the scheduler of exported whole models); a timestep range beyond the schedule is a
+    one-line :class:`ConfigError`.
+
+    ``train.zero_terminal_snr``: diffusers' ``rescale_betas_zero_snr`` (Lin et al. 2023, Algorithm 1) and, for
+    sampling, ``timestep_spacing: trailing`` (the paper's section 3.3: sample from the last timestep, whose SNR is
+    now 0)."""
+    steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    if cfg.train.timestep_range is not None and cfg.train.timestep_range[1] > steps:
+        low, high = cfg.train.timestep_range
+        raise ConfigError(
+            f"train.timestep_range: this model's schedule has {steps} timesteps (got [{low}, {high}]); "
+            f"e.g. [{min(low, steps - 1)}, {steps}]"
+        )
+    if cfg.train.zero_terminal_snr:
+        model.scheduler_config = dict(model.scheduler_config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def fp32_masters(params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -174,8 +195,9 @@ def text_cache(model: SDComponents, data: DataConfig) -> TextCache:
 
 
 def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.Tensor:
-    """``denoising_loss`` with the job's model and scheduler and the run's noise offset and Min-SNR;
-    ``extra`` passes per-sample ``weights``, a pixel ``mask`` or fixed ``timesteps``."""
+    """``denoising_loss`` with the job's model and scheduler and the run's noise and loss options (``train.*``:
+    offset and multi-resolution noise, input perturbation, timestep range and shift, Min-SNR, debiased estimation);
+    ``extra`` passes per-sample ``weights``, a pixel ``mask`` or fixed ``timesteps`` (validation)."""
     t = job.cfg.train
     return denoising_loss(
         job.model,
@@ -185,6 +207,12 @@ def recipe_loss(job, latents: torch.Tensor, cond, generators, **extra) -> torch.
         generators,
         noise_offset=t.noise_offset,
         min_snr_gamma=t.min_snr_gamma,
+        debiased_estimation=t.debiased_estimation,
+        multires_noise_iterations=t.multires_noise_iterations,
+        multires_noise_discount=t.multires_noise_discount,
+        input_perturbation=t.input_perturbation,
+        timestep_range=t.timestep_range,
+        timestep_shift=t.timestep_shift,
         **extra,
     )
 

@@ -25,8 +25,9 @@ sdtune therefore trains the layers below: peft tuner layers (``BaseTunerLayer``)
 custom modules, as :mod:`sdtune.adapters.dora` does, so peft's inject / state dict / merge vocabulary works
 unchanged. ``r`` (and ``rank_pattern``) of that config is the block size.
 
-The layers rotate the base layer's output (bias taken out first: OFT rotates ``W`` only), which equals running the
-merged weight ``R W`` and costs ``O(out * b)`` per token instead of rebuilding ``W`` each step.
+On a plain Linear / Conv2d the layers run the rotated weight ``R W`` (built each step, ``O(out * in * b)``: less
+than rotating every token's output); on a layer another adapter already wraps they rotate that layer's output
+instead (its bias taken out first: OFT rotates ``W`` only), which is the same map.
 
 A strength ``w`` other than 1 is applied as each tool does, and they differ (:data:`STRENGTH_RULES`):
 ``"a1111"`` is ``W + w (W' - W)`` (A1111 ``network.py`` ``finalize_updown`` times the multiplier; what sdtune's
@@ -37,6 +38,7 @@ reads ``rescale``), BOFT each stage ``w R_i + (1 - w) I``, then ``rescale``, the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -80,11 +82,17 @@ def rotations(blocks: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
     return cayley(constrained(q, limit))
 
 
+@functools.lru_cache(maxsize=256)
 def butterfly_order(width: int, block: int, stage: int, device: torch.device | None = None) -> torch.Tensor:
     """The channel order in which BOFT stage ``stage``'s blocks of ``block`` channels are contiguous: channels
-    ``(c, g, j)`` (``g`` in {0, 1}, ``j < 2^stage * block / 2``) taken as ``(c, j, g)``."""
+    ``(c, g, j)`` (``g`` in {0, 1}, ``j < 2^stage * block / 2``) taken as ``(c, j, g)``. Cached: every step asks."""
     half = 2**stage * block // 2
     return torch.arange(width, device=device).reshape(-1, 2, half).transpose(1, 2).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _inverse_order(width: int, block: int, stage: int, device: torch.device | None = None) -> torch.Tensor:
+    return torch.argsort(butterfly_order(width, block, stage, device))
 
 
 def _oft_blocks_apply(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,7 @@ def _butterfly_apply(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     for stage, rs in enumerate(r):
         order = butterfly_order(width, b, stage, x.device)
         rotated = torch.einsum("...dj,dij->...di", x[..., order].unflatten(-1, (n, b)), rs).flatten(-2)
-        x = rotated[..., torch.argsort(order)]  # back to the channels' own order
+        x = rotated[..., _inverse_order(width, b, stage, x.device)]  # back to the channels' own order
     return x
 
 
@@ -296,14 +304,20 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        active = [a for a in self.active_adapters if a in self.oft_blocks]
+        active = [] if self.merged else [a for a in self.active_adapters if a in self.oft_blocks]
         if self.training:  # LyCORIS' module dropout: the whole adapter is left out for this step
             active = [a for a in active if not (self.oft_dropout[a] and torch.rand(()) < self.oft_dropout[a])]
         if not active:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        if not isinstance(self.base_layer, BaseTunerLayer):  # a plain layer: run it with the rotated weight
+            base = self.base_layer
+            weight = base.weight
+            for adapter in active:
+                weight = self._apply(adapter, weight.movedim(0, -1)).movedim(-1, 0)
+            if isinstance(base, nn.Conv2d):
+                return base._conv_forward(x, weight, base.bias)
+            return nn.functional.linear(x, weight, base.bias)
+        result = self.base_layer(x, *args, **kwargs)
         bias = self.get_base_layer().bias
         y = result.movedim(self._channel_axis(), -1)
         if bias is not None:  # OFT rotates W only: y = R^T (W x) + b

@@ -351,7 +351,7 @@ def _oft_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: str
             n = blocks.shape[1]
             full = n & (n - 1) == 0 and blocks.shape[0] == n.bit_length()  # log2(n) + 1: LyCORIS' only choice
             stages[path] = None if full else blocks.shape[0]
-    factors = set(stages.values())
+    factors = set(stages.values()) - {None}  # a layer with all its factors fits any setting that reaches them
     if len(factors) > 1:
         raise ModelError("the BOFT modules use different numbers of butterfly factors; sdtune's layers need one")
     factor = factors.pop() if factors else None

@@ -7,6 +7,9 @@
 - ``locon``: LoRA on the convolutions too (LyCORIS' name for it); the targets decide, see ``models.targets``
 - ``loha``: Hadamard product of two low-rank products (LyCORIS LoHa), peft ``LoHaConfig``
 - ``lokr``: Kronecker product with a low-rank factor (LyCORIS LoKr), peft ``LoKrConfig``
+- ``oft`` / ``boft``: multiplicative, a rotation of each layer's output channels (LyCORIS diag-OFT / BOFT); peft's
+  OFT/BOFT rotate the input instead, so the layers are sdtune's (:mod:`sdtune.adapters.oft`), built by
+  :func:`sdtune.adapters.oft.orthogonal_config` (they have no rank); the functions below work for them too
 """
 
 from __future__ import annotations

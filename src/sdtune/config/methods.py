@@ -110,23 +110,44 @@ class DreamBoothData(StrictModel):
     """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
 
 
+DEFAULT_BLOCK_SIZE = 8  # oft/boft block_size when empty
+
+
 class LoraConfig(WeightAverageFields, RunBase):
     """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
 
     method: Literal["lora"]
-    adapter: Literal["lora", "dora", "locon", "loha", "lokr"] = "lora"
+    adapter: Literal["lora", "dora", "locon", "loha", "lokr", "oft", "boft"] = "lora"
     """Adapter kind: lora; dora (LoRA + learned magnitude); locon (LoRA on convolutions too: needs targets: all);
-    loha (LyCORIS Hadamard); lokr (LyCORIS Kronecker)."""
+    loha (LyCORIS Hadamard); lokr (LyCORIS Kronecker); oft (LyCORIS diag-OFT: a learned rotation of each layer's
+    output channels, in blocks); boft (LyCORIS BOFT: the rotation built from butterfly factors). oft and boft have no
+    rank: block_size sets their size (A1111 loads oft; ComfyUI loads both)."""
     rank: int = Field(8, ge=1, le=1024, examples=[8])
-    """Rank (kohya's network_dim): capacity of the adapter. 4-32 for a character or object."""
+    """Rank (kohya's network_dim): capacity of the adapter. 4-32 for a character or object. Not for oft/boft."""
     alpha: float | None = Field(None, gt=0, examples=[4.0])
-    """Scale numerator: the update is scaled by alpha / rank. Empty = rank (scale 1)."""
+    """Scale numerator: the update is scaled by alpha / rank. Empty = rank (scale 1). Not for oft/boft."""
     conv_rank: int | None = Field(None, ge=1, le=1024, examples=[4])
-    """Rank for convolution layers (with targets: all). Empty = rank."""
+    """Rank for convolution layers (with targets: all). Empty = rank. Not for oft/boft."""
     conv_alpha: float | None = Field(None, gt=0, examples=[1.0])
-    """Alpha for convolution layers. Empty = alpha."""
+    """Alpha for convolution layers. Empty = alpha. Not for oft/boft."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.1])
-    """Dropout on the adapter input (lora/dora/locon) or whole-module dropout (loha/lokr)."""
+    """Dropout on the adapter input (lora/dora/locon) or whole-module dropout (loha/lokr/oft/boft)."""
+    block_size: int | None = Field(None, ge=2, le=1024, examples=[8])
+    """oft/boft: block size (LyCORIS' network_dim for diag-oft and boft). oft: every adapted layer's output channels
+    are rotated in blocks of exactly this many, so it must divide each layer's width; bigger = more freedom, more
+    parameters. boft: the largest block size; each layer takes the largest even size up to it that splits its width
+    into a power-of-two number of blocks (LyCORIS' rule). Empty = 8 (DEFAULT_BLOCK_SIZE)."""
+    constraint: float | None = Field(None, gt=0, examples=[1e-3])
+    """oft/boft: COFT (LyCORIS' constraint, kohya OFT's network_alpha): the rotation's skew-symmetric generator Q is
+    scaled down whenever its norm exceeds constraint x the layer's width, bounding how far the model can move.
+    Empty = unconstrained."""
+    rescaled: bool = False
+    """oft/boft: also learn a scale per output channel after the rotation (LyCORIS' rescaled). ComfyUI ignores it
+    for oft (its oft.py never applies it; the export warns)."""
+    butterfly_factors: int | None = Field(None, ge=1, le=16, examples=[2])
+    """boft: number of butterfly factors (PEFT's boft_n_butterfly_factor). Empty = all, log2(width / block) + 1 per
+    layer: what LyCORIS builds, and the only layout its own loader reads; fewer = cheaper, sparser rotations that
+    ComfyUI applies too."""
     targets: Literal["attention", "attention_ff", "all"] = "attention_ff"
     """Which layers get adapters: attention projections; + feed-forward and projections; + convolutions."""
     target_modules: list[str] = Field(default_factory=list, examples=[["to_q", "to_v"]])
@@ -168,11 +189,32 @@ class LoraConfig(WeightAverageFields, RunBase):
             )
         if self.token is not None and (not self.token or any(c.isspace() or c == "," for c in self.token)):
             raise ValueError(f"token: one word without spaces or commas (got {self.token!r}); e.g. <my-concept>")
-        if self.file_format == "peft" and self.adapter in ("loha", "lokr"):
+        if self.file_format == "peft" and self.adapter in ("loha", "lokr", "oft", "boft"):
             raise ValueError(f"file_format: diffusers cannot load {self.adapter} files; use file_format: kohya")
+        self._orthogonal_fields()
         if self.dreambooth and self.token and _word_in(self.token, self.dreambooth.class_prompt):
             raise ValueError(_class_prompt_error(self.dreambooth.class_prompt, self.token, "dreambooth.class_prompt"))
         return self
+
+    def _orthogonal_fields(self) -> None:
+        """oft/boft take block_size, constraint, rescaled (and boft butterfly_factors); the rank fields none."""
+        orthogonal = self.adapter in ("oft", "boft")
+        if orthogonal:
+            set_rank = [f"{k}: {v}" for k, v in (("rank", self.rank if self.rank != 8 else None), ("alpha", self.alpha),
+                        ("conv_rank", self.conv_rank), ("conv_alpha", self.conv_alpha)) if v is not None]  # fmt: skip
+            if set_rank:
+                name = set_rank[0].split(":")[0]
+                raise ValueError(
+                    f"{name}: adapter: {self.adapter} has no rank or alpha (block_size sets its size; constraint "
+                    f"bounds it); remove {', '.join(set_rank)}"
+                )
+        else:
+            used = [k for k in ("block_size", "constraint", "butterfly_factors") if getattr(self, k) is not None]
+            used += ["rescaled"] * self.rescaled
+            if used:
+                raise ValueError(f"{used[0]}: applies to adapter: oft or boft only (got adapter: {self.adapter})")
+        if self.butterfly_factors is not None and self.adapter != "boft":
+            raise ValueError(f"butterfly_factors: applies to adapter: boft only (got adapter: {self.adapter})")
 
 
 # The names of sdtune.adapters.hypernetwork.ACTIVATIONS (A1111's activation list; a test keeps them equal).

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from sdtune.adapters.dora import input_dora_config
+from sdtune.adapters.oft import inject_orthogonal, is_orthogonal
 
 AdapterKind = Literal["lora", "dora", "locon", "loha", "lokr"]
 
@@ -86,9 +87,18 @@ def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int) -> None:
                 raise ValueError(f"rank {rank} exceeds the width {width} of layer '{name}'; use a rank <= {width}")
 
 
+def add_adapter(module: nn.Module, config, adapter_name: str = "default") -> None:
+    """Add adapter ``adapter_name`` of ``config`` to ``module``: through peft, OFT / BOFT through their own
+    :func:`~sdtune.adapters.oft.inject_orthogonal` (peft's LoRA tuner would not wrap an existing LoRA layer)."""
+    if is_orthogonal(config):
+        inject_orthogonal(module, config, adapter_name)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+
+
 def inject(module: nn.Module, config) -> list[nn.Parameter]:
     """Add the adapter to ``module`` (frozen beforehand) and return its trainable parameters."""
-    inject_adapter_in_model(config, module)
+    add_adapter(module, config)
     return [p for p in module.parameters() if p.requires_grad]
 
 

@@ -22,8 +22,10 @@ convolution's whole ``in x k x k`` patch), use a truncated Cayley-Neumann series
 as upper-triangle vectors and BOFT with a ``boft_s`` scale and a ``1/2`` in ``Q``; COFT is a projection. A rotation
 of the input columns is not a rotation of the output rows, so no file the UIs read can hold what peft trains.
 sdtune therefore trains the layers below: peft tuner layers (``BaseTunerLayer``) registered on a ``LoraConfig`` as
-custom modules, as :mod:`sdtune.adapters.dora` does, so peft's inject / state dict / merge vocabulary works
-unchanged. ``r`` (and ``rank_pattern``) of that config is the block size.
+custom modules, as :mod:`sdtune.adapters.dora` does, so peft's state dict / merge vocabulary works unchanged.
+``r`` (and ``rank_pattern``) of that config is the block size. They are added by :func:`inject_orthogonal`, not
+``inject_adapter_in_model``: peft's LoRA tuner would add a LoRA adapter to a layer that already is a LoRA layer (a
+file applied before) instead of wrapping it.
 
 On a plain Linear / Conv2d the layers run the rotated weight ``R W`` (built each step, ``O(out * in * b)``: less
 than rotating every token's output); on a layer another adapter already wraps they rotate that layer's output
@@ -45,7 +47,8 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 Kind = Literal["oft", "boft"]
@@ -332,12 +335,29 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
         return "oft." + super().__repr__()
 
 
-class OrthogonalLinear(OrthogonalLayer):
+class _Delegating:
+    """The wrapped layer's shape attributes, read through the wrapper: another peft adapter put on top of this one
+    (a second file on the same layer) builds itself from them (``lora.Conv2d`` reads ``base_layer.groups``)."""
+
+    _delegated: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self)._delegated:
+            return getattr(self.get_base_layer(), name)
+        return super().__getattr__(name)  # type: ignore[misc]
+
+
+class OrthogonalLinear(_Delegating, OrthogonalLayer):
     """OFT / BOFT on a Linear layer's output features."""
 
+    _delegated = ("in_features", "out_features")
 
-class OrthogonalConv2d(OrthogonalLayer):
+
+class OrthogonalConv2d(_Delegating, OrthogonalLayer):
     """OFT / BOFT on a Conv2d layer's output channels (whole filters rotated)."""
+
+    _delegated = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode")  # fmt: skip
 
 
 ORTHOGONAL_LAYERS = (OrthogonalLinear, OrthogonalConv2d)
@@ -364,6 +384,43 @@ def orthogonal_config(
     )  # fmt: skip
     config._register_custom_module({nn.Linear: OrthogonalLinear, nn.Conv2d: OrthogonalConv2d})
     return config
+
+
+def inject_orthogonal(module: nn.Module, config: OrthogonalConfig, adapter_name: str = "default") -> None:
+    """Wrap every layer of ``module`` that ``config`` targets (peft's own matching) in an OFT / BOFT layer, a layer
+    another adapter already wraps included, and record ``config`` as ``module.peft_config[adapter_name]`` (what peft's
+    state-dict functions read). As peft's inject does, only adapter weights stay trainable."""
+    found = []
+    for name, layer in module.named_modules():
+        parts = name.split(".")
+        if "base_layer" in parts or any(p.startswith(("lora_", "oft_", "hada_", "lokr_")) for p in parts):
+            continue  # inside an adapter layer
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+        if isinstance(base, (nn.Linear, nn.Conv2d)) and check_target_module_exists(config, name):
+            found.append((name, layer, base))
+    if not found:
+        raise ValueError(f"target modules {sorted(config.target_modules)} match no Linear or Conv2d layer")
+    for name, layer, base in found:
+        block = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
+        cls = OrthogonalConv2d if isinstance(base, nn.Conv2d) else OrthogonalLinear
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, cls(layer, adapter_name, config, block))
+    configs = getattr(module, "peft_config", None)
+    if not isinstance(configs, dict):
+        configs = {}
+        module.peft_config = configs
+    configs[adapter_name] = config
+    adapters = {
+        id(p)
+        for layer in module.modules()
+        if isinstance(layer, BaseTunerLayer)
+        for attr in layer.adapter_layer_names
+        if isinstance(getattr(layer, attr, None), (nn.ModuleDict, nn.ParameterDict))
+        for p in getattr(layer, attr).parameters()
+    }
+    for p in module.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
 
 
 def is_orthogonal(config: object) -> bool:

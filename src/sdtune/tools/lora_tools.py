@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sdtune.adapters.dora import INPUT_DORA_LAYERS, MAGNITUDE, column_norm, is_input_dora
+from sdtune.adapters.lora import add_adapter
 from sdtune.adapters.oft import STRENGTH_RULES, OrthogonalLayer, StrengthRule
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_files import (
@@ -137,7 +138,7 @@ def apply_lora(
         adapter = next(f"sdtune{i}" for i in range(len(taken) + 1) if f"sdtune{i}" not in taken)
         with warnings.catch_warnings():  # "already found a peft_config": several adapters are what we want
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(configs[component], module, adapter_name=adapter)
+            add_adapter(module, configs[component], adapter)
         if is_input_dora(configs[component]):
             _check_input_dora_layers(path, module, adapter)
         result = set_peft_model_state_dict(module, state, adapter_name=adapter)

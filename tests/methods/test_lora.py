@@ -248,15 +248,20 @@ def test_pivotal_token_must_reach_the_prompts(tmp_path, tiny_checkpoint, image_f
         setup(cfg, Accelerator(cpu=True))
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora"])  # DoRA: its magnitudes averaged and resumed too
+# DoRA: its magnitudes averaged and resumed too; OFT / BOFT: their blocks (and BOFT's rescale), read back by sdtune
+@pytest.mark.parametrize("adapter", ["lora", "dora", "oft", "boft"])
 def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny_checkpoint, image_folder, adapter):
     from safetensors.torch import load_file
 
     from sdtune.core.events import StepEnd
+    from sdtune.tools.lora_tools import apply_lora
 
     path = tiny_checkpoint("sd1")
     extra = {"ema": True, "ema_decay": 0.9, "file_format": "peft", "train": {"max_steps": 4}, "optimizer": {"lr": 5e-2}}
     extra["adapter"] = adapter
+    orthogonal = adapter in ("oft", "boft")
+    if orthogonal:  # diffusers loads neither: the kohya/LyCORIS file, read back by sdtune's own reader
+        extra |= ORTHOGONAL | {"file_format": "kohya", "save": {"dtype": "fp32"}, "rescaled": adapter == "boft"}
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, name="whole", **extra))
     whole = load_file(tmp_path / "runs" / "whole" / "checkpoints" / "step-4" / "trainable.safetensors")
     ema_keys = [k for k in whole if k.startswith("ema.unet.")]
@@ -272,7 +277,10 @@ def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny
         averaged = _unet_out(job.model, cond)
     raw = _unet_out(job.model, cond)
     fresh = load_model(path)
-    make_pipeline(fresh).load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
+    if orthogonal:
+        apply_lora(fresh, outputs[0])
+    else:
+        make_pipeline(fresh).load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
     torch.testing.assert_close(_unet_out(fresh, cond), averaged, atol=1e-5, rtol=1e-4)
     assert (averaged - raw).abs().max() > 1e-4
 

@@ -108,10 +108,12 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def set_merged(module: nn.Module, merged: bool) -> None:
-    """Merge the adapter into the base weights (for export or fast inference) or take it out again."""
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            if merged and not layer.merged:
-                layer.merge()
-            elif not merged and layer.merged:
-                layer.unmerge()
+    """Merge the adapter into the base weights (for export or fast inference) or take it out again. Nested adapter
+    layers (a second file on the same layer) merge innermost first, the order they act in, and unmerge outermost
+    first: OFT's rotation does not commute with what it wraps."""
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]  # parents before their children
+    for layer in reversed(layers) if merged else layers:
+        if merged and not layer.merged:
+            layer.merge()
+        elif not merged and layer.merged:
+            layer.unmerge()

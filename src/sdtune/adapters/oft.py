@@ -177,7 +177,7 @@ def boft_layout(width: int, block_size: int, factors: int | None = None) -> tupl
     found = [b for b in range(2, min(block_size, width) + 1) if fits(b)]
     if not found:
         sizes = [b for b in range(2, width + 1) if fits(b)][:8]
-        need = "a power of two" if factors is None else f"a multiple of {2 ** (factors - 1)}"
+        need = "a power-of-two number of" if factors is None else f"a multiple of {2 ** (factors - 1)}"
         raise ValueError(
             f"no even block size <= {block_size} splits its width {width} into {need} blocks; sizes that do: "
             f"{', '.join(map(str, sizes)) or 'none'}"

@@ -110,7 +110,7 @@ class DreamBoothData(StrictModel):
     """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
 
 
-DEFAULT_BLOCK_SIZE = 8  # oft/boft block_size when empty
+DEFAULT_BLOCK_SIZE = {"oft": 8, "boft": 16}  # block_size when empty (LoraConfig.block_size says why)
 
 
 class LoraConfig(WeightAverageFields, RunBase):
@@ -136,7 +136,8 @@ class LoraConfig(WeightAverageFields, RunBase):
     """oft/boft: block size (LyCORIS' network_dim for diag-oft and boft). oft: every adapted layer's output channels
     are rotated in blocks of exactly this many, so it must divide each layer's width; bigger = more freedom, more
     parameters. boft: the largest block size; each layer takes the largest even size up to it that splits its width
-    into a power-of-two number of blocks (LyCORIS' rule). Empty = 8 (DEFAULT_BLOCK_SIZE)."""
+    into a power-of-two number of blocks (LyCORIS' rule; SD 1.5/SDXL widths are 5 x 2^k in the UNet and 3 x 2^k in
+    CLIP-L, so 16 gives blocks of 10 and 12 there, 8 none in the UNet). Empty = 8 for oft, 16 for boft."""
     constraint: float | None = Field(None, gt=0, examples=[1e-3])
     """oft/boft: COFT (LyCORIS' constraint, kohya OFT's network_alpha): the rotation's skew-symmetric generator Q is
     scaled down whenever its norm exceeds constraint x the layer's width, bounding how far the model can move.

@@ -99,7 +99,7 @@ def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module]) -> 
         if not targets:  # explicit targets that all live in other components
             continue
         if cfg.adapter in ("oft", "boft"):  # a rotation of each layer's output channels, in blocks
-            block = cfg.block_size or DEFAULT_BLOCK_SIZE
+            block = cfg.block_size or DEFAULT_BLOCK_SIZE[cfg.adapter]
             try:
                 check_blocks(module, targets, cfg.adapter, block, cfg.butterfly_factors)
             except ValueError as exc:
@@ -318,7 +318,7 @@ class LoraJob:
         algo = "locon" if cfg.adapter == "lora" and cfg.targets == "all" else cfg.adapter
         rank, alpha, args = cfg.rank, cfg.alpha or cfg.rank, {}
         if cfg.adapter in ("oft", "boft"):  # LyCORIS: dim = block size, alpha = constraint (network_args too)
-            rank, alpha = cfg.block_size or DEFAULT_BLOCK_SIZE, cfg.constraint or 0.0
+            rank, alpha = cfg.block_size or DEFAULT_BLOCK_SIZE[cfg.adapter], cfg.constraint or 0.0
             args = {"constraint": str(alpha), "rescaled": str(cfg.rescaled)}
         metadata = kohya_metadata(
             family,

@@ -13,7 +13,7 @@ METHOD_ABBREVIATIONS = {
     "hn": "hypernetwork",
     "db": "dreambooth",
     "ft": "finetune",
-} | dict.fromkeys(("lora", "dora", "locon", "loha", "lokr"), "lora")
+} | dict.fromkeys(("lora", "dora", "locon", "loha", "lokr", "oft", "boft"), "lora")
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 

@@ -1,9 +1,9 @@
 """LoRA files: kohya names, and what other tools load from the files sdtune writes.
 
 The independent loaders are diffusers (``pipe.load_lora_weights``: kohya LoRA/LoCon and its native PEFT layout)
-and LyCORIS (``lycoris.kohya.create_network_from_weights``: LoRA, DoRA, LoHa, LoKr). Each check compares the
-model the other tool built with the PEFT-adapted model sdtune trained, and with the base model, so it fails
-if the file is ignored or half-read.
+and LyCORIS (``lycoris.kohya.create_network_from_weights``: LoRA, DoRA, LoHa, LoKr, diag-OFT, BOFT). Each check
+compares the model the other tool built with the PEFT-adapted model sdtune trained, and with the base model, so it
+fails if the file is ignored or half-read.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtune.adapters.dora import input_dora_config, is_input_dora
+from sdtune.adapters.oft import orthogonal_config
 from sdtune.core.errors import ModelError
 from sdtune.formats.hashes import addnet_hash
 from sdtune.formats.lora_files import (
@@ -70,7 +71,13 @@ ALGOS = {
     "loha": lambda t, a: LoHaConfig(r=4, alpha=a, target_modules=t, init_weights=False),
     "lokr": lambda t, a: LoKrConfig(r=1, alpha=a, target_modules=t, init_weights=False),  # low-rank w2
     "lokr-full": lambda t, a: LoKrConfig(r=4, alpha=a, target_modules=t, init_weights=False),  # full w1, w2
+    # OFT / BOFT (no alpha): COFT active on the random blocks, rescale; block 2 for OFT because LyCORIS' reader
+    # rebuilds a module by factorization(width, block), which swaps a block wider than sqrt(width) (8 wide: 4 -> 2)
+    "oft": lambda t, a: orthogonal_config("oft", 2, t, constraint=0.05),
+    "oft-rescaled": lambda t, a: orthogonal_config("oft", 2, t, rescaled=True),
+    "boft": lambda t, a: orthogonal_config("boft", 4, t, constraint=0.05, rescaled=True),
 }
+ORTHOGONAL_ALGOS = ("oft", "oft-rescaled", "boft")
 
 
 def components(model) -> dict[str, torch.nn.Module]:
@@ -85,8 +92,10 @@ def adapted(family: str, algo: str = "lora", unet_targets=LOCON):
     for c, module in components(model).items():
         inject_adapter_in_model(configs[c], module)
         for name, p in module.named_parameters():
-            if "magnitude" in name:  # DoRA starts at the weight norm; move away from it
+            if "magnitude" in name or "rescale" in name:  # DoRA / OFT rescale start at the base; move away
                 p.data.mul_(1 + 0.5 * torch.rand_like(p))
+            elif "oft_blocks" in name:  # OFT starts at R = I
+                p.data.normal_(0, 0.2)
     states = {c: get_peft_model_state_dict(m) for c, m in components(model).items()}
     return model, states, configs
 
@@ -188,11 +197,12 @@ def test_diffusers_loads_kohya_and_peft_files(family: str, algo: str, tmp_path: 
         assert_same_model(fresh, model, build_tiny(family))
 
 
-def test_diffusers_layout_refuses_loha() -> None:
-    model, states, configs = adapted("sd1", "loha", UNET)
-    with pytest.raises(ModelError, match="diffusers cannot load LoHa/LoKr"):
+@pytest.mark.parametrize("algo", ["loha", "oft", "boft"])
+def test_diffusers_layout_refuses_loha_oft_and_boft(algo: str) -> None:
+    model, states, configs = adapted("sd1", algo, UNET)
+    with pytest.raises(ModelError, match="diffusers cannot load LoHa/LoKr/OFT/BOFT"):
         to_peft_diffusers(states, model.family)
-    with pytest.raises(ModelError, match="diffusers cannot load LoHa/LoKr"):
+    with pytest.raises(ModelError, match="diffusers cannot load LoHa/LoKr/OFT/BOFT"):
         peft_diffusers_metadata(configs)
 
 
@@ -214,7 +224,13 @@ def named_view(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
 
 
 def lycoris_apply(model, tensors: dict[str, torch.Tensor], wd_on_out: bool = True) -> None:
-    """Build LyCORIS' network from the file's tensors and hook it into ``model``'s modules (forward path).
+    """Build LyCORIS' network from the file's tensors and hook it into ``model``'s modules (forward path)."""
+    network, tes, unet = lycoris_network(model, tensors, wd_on_out)
+    network.apply_to(tes, unet, apply_text_encoder=True, apply_unet=True)
+
+
+def lycoris_network(model, tensors: dict[str, torch.Tensor], wd_on_out: bool = True):
+    """LyCORIS' network built from the file's tensors on ``model``'s modules, and the modules as LyCORIS sees them.
 
     LyCORIS matches names against ``named_modules()``: SD 1.x's diffusers UNet as is; transformers 5 text
     encoders get their ``text_model.`` root back; the SDXL UNet is shown in its SGM layout (what sd-scripts'
@@ -250,7 +266,7 @@ def lycoris_apply(model, tensors: dict[str, torch.Tensor], wd_on_out: bool = Tru
         network_cls.apply_preset({"unet_target_name": saved})
         LoConModule.__init__ = init
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len({k.split(".")[0] for k in tensors})
-    network.apply_to(tes, unet, apply_text_encoder=True, apply_unet=True)
+    return network, tes, unet
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -267,9 +283,46 @@ def test_lycoris_loads_every_algorithm(family: str, algo: str, tmp_path: Path) -
             ones = [1] * (up.dim() - 2)
             assert scale.shape == ((up.shape[0], 1, *ones) if algo == "dora-out" else (1, down.shape[1], *ones))
         assert scales
+    if algo in ORTHOGONAL_ALGOS:  # LyCORIS built its own OFT / BOFT modules from the file (algo_check on the rank)
+        kinds = {"oft": "DiagOFTModule", "oft-rescaled": "DiagOFTModule", "boft": "ButterflyOFTModule"}
+        assert all(k.endswith((".oft_blocks", ".alpha", ".rescale")) for k in load_file(path))
+        network, _, _ = lycoris_network(build_tiny(family), load_file(path))
+        assert {type(m).__name__ for m in network.unet_loras + network.text_encoder_loras} == {kinds[algo]}
     fresh = build_tiny(family)
     lycoris_apply(fresh, load_file(path), wd_on_out=algo != "dora")
     assert_same_model(fresh, model, build_tiny(family))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("algo", ORTHOGONAL_ALGOS)
+def test_lycoris_merges_oft_and_boft_files_to_sdtunes_merged_weights(family: str, algo: str, tmp_path: Path) -> None:
+    """LyCORIS' own merge (``merge_to``: its ``get_merged_weight`` written into each module) of the file sdtune wrote
+    gives sdtune's merge of it (``apply_lora`` + ``merge_into``) and the trained model's merged weights."""
+    from sdtune.adapters.lora import set_merged
+    from sdtune.tools.lora_tools import apply_lora, merge_into
+
+    model, states, configs = adapted(family, algo)
+    path = tmp_path / "lyco.safetensors"
+    save_lora(path, to_kohya(states, configs, model.family, model.unet.config), {})
+    theirs = build_tiny(family)
+    network, _, _ = lycoris_network(theirs, load_file(path))
+    for module in network.unet_loras + network.text_encoder_loras:
+        module.merge_to(1.0)
+    ours = build_tiny(family)
+    apply_lora(ours, path)
+    merge_into(ours)
+    for module in components(model).values():
+        set_merged(module, True)
+    base = build_tiny(family)
+    for c in components(base):
+        got, want, trained = (components(m)[c].state_dict() for m in (theirs, ours, model))
+        trained = {k.replace(".base_layer", ""): v for k, v in trained.items()}
+        changed = 0
+        for key, before in components(base)[c].state_dict().items():
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(want[key], trained[key], atol=1e-5, rtol=1e-4)
+            changed += not torch.allclose(want[key], before, atol=1e-4)
+        assert changed  # the file rotates this component's weights
 
 
 # --- round trips, layout, metadata -------------------------------------------------------------------
@@ -284,7 +337,8 @@ def test_kohya_round_trip(algo: str) -> None:
     again = to_kohya(states2, configs2, model.family, model.unet.config)
     assert again.keys() == tensors.keys()
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
-    if algo != "lokr-full":  # full-matrix LoKr has PEFT's scale multiplied into lokr_w2 (readers use scale 1)
+    # full-matrix LoKr has PEFT's scale multiplied into lokr_w2 (readers use scale 1); COFT is applied to the blocks
+    if algo not in ("lokr-full", "oft", "boft"):
         for c in states:
             assert states2[c].keys() == states[c].keys()
             assert all(torch.equal(states2[c][k], states[c][k]) for k in states[c])
@@ -292,7 +346,7 @@ def test_kohya_round_trip(algo: str) -> None:
     for c, module in components(fresh).items():
         inject_adapter_in_model(copy.deepcopy(configs2[c]), module)
         result = set_peft_state(module, states2[c])
-        assert not [k for k in result.unexpected_keys if "lora" in k or "hada" in k or "lokr" in k]
+        assert not [k for k in result.unexpected_keys if "lora" in k or "hada" in k or "lokr" in k or "oft" in k]
     assert_same_model(fresh, model, build_tiny("sdxl"))
 
 
@@ -325,7 +379,7 @@ def test_from_kohya_reads_both_dora_axes_and_refuses_other_scales() -> None:
 @pytest.mark.parametrize(
     ("algo", "layout", "module"),
     [("lora", "kohya", "networks.lora"), ("dora", "lycoris", "lycoris.kohya"), ("loha", "lycoris", "lycoris.kohya"),
-     ("lokr", "lycoris", "lycoris.kohya")],
+     ("lokr", "lycoris", "lycoris.kohya"), ("oft", "lycoris", "lycoris.kohya"), ("boft", "lycoris", "lycoris.kohya")],
 )  # fmt: skip
 def test_layout_metadata_and_hash(algo: str, layout: str, module: str, tmp_path: Path) -> None:
     model, states, configs = adapted("sdxl", algo, UNET)
@@ -347,7 +401,7 @@ def test_layout_metadata_and_hash(algo: str, layout: str, module: str, tmp_path:
     )
     assert json.loads(on_disk["ss_tag_frequency"]) == {"a": {"cat": 2}} and on_disk["ss_steps"] == "100"
     args = json.loads(on_disk["ss_network_args"])
-    assert args.get("algo") == {"lora": None, "dora": "lora"}.get(algo, algo)
+    assert args.get("algo") == {"lora": None, "dora": "lora", "oft": "diag-oft"}.get(algo, algo)  # LyCORIS' names
     if algo == "dora":  # sdtune's DoRA is per input column
         assert args["dora_wd"] == "True" and args["wd_on_output"] == "False"
     summary = lora_summary(path)
@@ -355,7 +409,7 @@ def test_layout_metadata_and_hash(algo: str, layout: str, module: str, tmp_path:
     assert summary["modules"] == len({k.split(".")[0] for k in keys})
     assert set(summary["components"]) == {"unet", "text_encoder", "text_encoder_2"}
     if algo != "lokr":
-        assert summary["ranks"] == [4]
+        assert summary["ranks"] == [{"oft": 2}.get(algo, 4)]  # OFT / BOFT: the block size
 
 
 def test_peft_layout_is_detected(tmp_path: Path) -> None:

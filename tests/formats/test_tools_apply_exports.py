@@ -7,6 +7,10 @@ diffusers loader (``load_lora_weights`` + ``fuse_lora``, strength 0.6) from the 
 converter for LoRA/LoCon). Each module's weight must
 equal sdtune's merge of the same file (``apply_lora`` + ``merge_into``) to a relative error of 1e-4 of its
 delta, and every module the file does not name must stay the base's.
+
+OFT / BOFT: each tool's strength is its own (``tool_appliers``), so sdtune's merge is asked for that tool's rule
+(``strength_as``); tools that do not apply a kind (A1111: BOFT; InvokeAI and diffusers: both) must be reported so by
+``sdtune lora check`` on the same file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from tool_appliers import APPLIERS, SUPPORTS
 
 from sdtune.adapters.lora import adapter_state, inject, peft_config, set_merged
+from sdtune.adapters.oft import orthogonal_config
 from sdtune.core.dtypes import cast_floats
 from sdtune.formats.lora_files import (
     dense_lora_from_dora,
@@ -34,6 +39,7 @@ from sdtune.formats.lora_metadata import KOHYA_PARAM_NAMES, split_param
 from sdtune.inference.generate import make_pipeline
 from sdtune.methods.lora import CONV_TARGETS
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from sdtune.tools.lora_check import check_file
 from sdtune.tools.lora_tools import apply_lora, merge_into
 
 REL_TOL = 1e-4
@@ -45,7 +51,16 @@ KINDS = {
     "dora": ("dora", "all"),
     "loha": ("loha", "all"),
     "lokr": ("lokr", "all"),
+    "oft": ("oft", "all"),  # COFT on (the random blocks exceed it: the file carries the constrained blocks)
+    "oft-rescaled": ("oft", "all"),  # ComfyUI ignores an OFT's rescale: its rule drops it, lora check says so
+    "boft": ("boft", "all"),
 }
+# The OFT / BOFT settings of each kind: (block size, constraint, rescaled), and the kind each is in a file.
+ORTHOGONAL = {"oft": (4, 0.05, False), "oft-rescaled": (4, 0.0, True), "boft": (4, 0.05, True)}
+FILE_KIND = {"oft-rescaled": "oft"}
+# the appliers' tool names as sdtune lora check names them, and the strength rule each tool follows
+CHECK_NAME = {"a1111": "a1111", "comfyui": "comfyui", "invokeai": "invoke"}
+STRENGTH_AS = {"a1111": "a1111", "comfyui": "comfyui", "invokeai": "a1111"}
 # Which file each tool reads for which kind: the kohya/LyCORIS file for the UIs (tool_appliers.SUPPORTS), the
 # PEFT file for diffusers (a DoRA as its exact dense LoRA), and the kohya file through diffusers' converter.
 DIFFUSERS_PEFT = ("lora", "locon", "dora")
@@ -79,22 +94,29 @@ def adapted(base, kind: str, block_ranks: bool = False):
         configs = adapter_configs(LoraConfig.model_validate(raw), parts(model), model.family)
         assert "to_q" not in configs["unet"].target_modules  # the rank-0 block left out: the targets are full paths
     for component, module in parts(model).items():
-        if not block_ranks:
-            targets = list(UNET_TARGETS[preset] if component == "unet" else TEXT_ENCODER_TARGETS["attention_ff"])
-            convs = [t for t in targets if t in CONV_TARGETS]
-            unet = component == "unet"
-            configs[component] = peft_config(adapter, 4, 8.0 if unet else 2.0, targets, 0.0, 2, 3.0, convs)
+        targets = list(UNET_TARGETS[preset] if component == "unet" else TEXT_ENCODER_TARGETS["attention_ff"])
+        convs = [t for t in targets if t in CONV_TARGETS]
+        if kind in ORTHOGONAL:
+            block, constraint, rescaled = ORTHOGONAL[kind]
+            configs[component] = orthogonal_config(adapter, block, targets, constraint, rescaled)
+        elif not block_ranks:
+            alpha = 8.0 if component == "unet" else 2.0
+            configs[component] = peft_config(adapter, 4, alpha, targets, 0.0, 2, 3.0, convs)
         inject(module, configs[component])
         with torch.no_grad():
             for name, p in module.named_parameters():
-                if p.requires_grad:  # every factor non-zero; a DoRA magnitude away from the column norms
-                    p.mul_(1 + 0.5 * torch.rand_like(p)) if "magnitude" in name else p.normal_(0, 0.3)
+                if not p.requires_grad:
+                    continue
+                if "magnitude" in name or "rescale" in name:  # a DoRA magnitude / OFT rescale away from the base
+                    p.mul_(1 + 0.5 * torch.rand_like(p))
+                else:  # every factor (and OFT block) non-zero
+                    p.normal_(0, 0.3)
     return model, configs
 
 
 def write_kohya(model, configs, kind: str, path: Path, dtype: torch.dtype, block_ranks: bool = False) -> Path:
-    """The file sdtune's LoRA recipe writes (``methods/lora.py`` ``export``, kohya/LyCORIS layout; with per-block
-    ranks: one alpha, each module's scale folded into its ``lora_up``)."""
+    """The file sdtune's LoRA recipe writes (``methods/lora.py`` ``export``, kohya/LyCORIS layout; OFT / BOFT: rank
+    = block size; with per-block ranks: one alpha, each module's scale folded into its ``lora_up``)."""
     states = {
         c: adapter_state(m) if block_ranks else cast_floats(adapter_state(m), dtype) for c, m in parts(model).items()
     }
@@ -127,9 +149,9 @@ def weights(model) -> dict[tuple[str, str], torch.Tensor]:
     return out
 
 
-def sdtune_merge(base, path: Path, strength: float) -> dict[tuple[str, str], torch.Tensor]:
+def sdtune_merge(base, path: Path, strength: float, strength_as: str = "a1111") -> dict[tuple[str, str], torch.Tensor]:
     model = copy.deepcopy(base)
-    apply_lora(model, path, strength)
+    apply_lora(model, path, strength, strength_as)  # type: ignore[arg-type]
     merge_into(model)
     return weights(model)
 
@@ -192,14 +214,26 @@ def check_ui_formulas(base, tmp_path: Path, dtype: torch.dtype, kind: str, block
         for module in parts(set_merged_model).values():
             set_merged(module, True)
         assert_same_weights(weights(set_merged_model), sdtune_merge(base, path, 1.0), before, set(modules), "trained")
+    file_kind = FILE_KIND.get(kind, kind)
+    applying = [tool for tool in APPLIERS if file_kind in SUPPORTS[tool]]
+    checked = check_file(path, model=base)["targets"]  # sdtune lora check, on the tiny model's modules
+    for tool in APPLIERS:
+        assert checked[CHECK_NAME[tool]].mapped if tool in applying else not checked[CHECK_NAME[tool]].ok, tool
+    if kind in ORTHOGONAL:  # diffusers loads neither; InvokeAI neither (it refuses the whole file)
+        assert checked["diffusers"].error and checked["invoke"].error
+        rescale_issue = [i for i in checked["comfyui"].issues if "ignores the rescale" in i]
+        assert bool(rescale_issue) == (kind == "oft-rescaled"), checked["comfyui"].issues
     for strength in STRENGTHS:
-        ours = sdtune_merge(base, path, strength)
-        for tool, apply in APPLIERS.items():
-            assert kind in SUPPORTS[tool]
+        rules = {"a1111", "comfyui"} if kind in ORTHOGONAL else {"a1111"}  # the rule changes nothing else
+        ours = {rule: sdtune_merge(base, path, strength, rule) for rule in sorted(rules)}
+        if kind in ORTHOGONAL and strength != 1:  # the rules differ (so the rule is what makes each tool match)
+            assert max(float((ours["a1111"][k] - ours["comfyui"][k]).abs().max()) for k in modules) > 1e-3
+        for tool in applying:
             theirs = dict(before)
             for key, params in modules.items():
-                theirs[key] = apply(before[key], params, strength)
-            assert_same_weights(theirs, ours, before, set(modules), f"{tool} at {strength}")
+                theirs[key] = APPLIERS[tool](before[key], params, strength)
+            want = ours.get(STRENGTH_AS[tool], ours["a1111"])
+            assert_same_weights(theirs, want, before, set(modules), f"{tool} at {strength}")
 
 
 def diffusers_weights(base, path: Path, strength: float) -> dict[tuple[str, str], torch.Tensor]:

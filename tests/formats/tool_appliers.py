@@ -8,6 +8,11 @@ float64, so a test can compare a file sdtune wrote with what that tool makes of 
 Which adapter kinds each tool applies from the kohya/LyCORIS file is :data:`SUPPORTS`; diffusers reads the kohya
 file for LoRA/LoCon only (``loaders/lora_conversion_utils.py`` refuses ``hada_``/``lokr_`` keys and drops
 ``dora_scale``), so its DoRA goes through the PEFT file (tested with the real loader, not restated).
+
+OFT / BOFT are multiplicative (the weight's rows rotated), and the UIs differ in how a strength scales them, so each
+restatement below keeps its tool's own rule: A1111 interpolates the weight (``W + s (W' - W)``), ComfyUI scales the
+rotation and then the difference again. A1111 reads no BOFT file with ``oft_blocks`` (its BOFT branch wants
+``oft_diag``) and InvokeAI no OFT at all (``layers/utils.py`` ``any_lora_layer_from_state_dict`` has no OFT layer).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import torch
 Params = Mapping[str, torch.Tensor]
 
 SUPPORTS: dict[str, tuple[str, ...]] = {
-    "a1111": ("lora", "locon", "dora", "loha", "lokr"),
-    "comfyui": ("lora", "locon", "dora", "loha", "lokr"),
+    "a1111": ("lora", "locon", "dora", "loha", "lokr", "oft"),
+    "comfyui": ("lora", "locon", "dora", "loha", "lokr", "oft", "boft"),
     "invokeai": ("lora", "locon", "dora", "loha", "lokr"),
 }
 
@@ -40,11 +45,37 @@ def _input_column_norm(weight: torch.Tensor) -> torch.Tensor:
     return norm.reshape(weight.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1)
 
 
+def _cayley(q: torch.Tensor) -> torch.Tensor:
+    """``(I + Q)(I - Q)^-1`` per block: what all three write as ``(I + q) @ (I - q).float().inverse()``."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
 # --- A1111: extensions-builtin/Lora/network*.py ------------------------------------------------------
 
 
+def _a1111_oft(w: torch.Tensor, p: Params, strength: float) -> torch.Tensor:
+    """``network_oft.py`` ``NetworkModuleOFT`` with ``oft_blocks`` (its kohya branch; LyCORIS diag-OFT writes the
+    same key and layout): ``num_blocks = oft_blocks.shape[0]``, ``block_size = out // num_blocks``, constraint
+    ``alpha * out``; ``calc_updown``: ``block_Q = B - B^T``, ``block_Q *= (min(|Q|, constraint) + 1e-8) / (|Q| +
+    1e-8)``, ``R = (I + Q)(I - Q)^-1``, rows rotated by einsum ``k n m, k n ... -> k m ...`` (``R^T`` on each block of
+    rows), times ``rescale`` (reshaped ``[-1, 1, ...]``) when present, ``updown = merged - W``. ``__init__`` sets
+    ``self.scale = 1.0``, so ``network.py`` ``finalize_updown`` returns ``updown * multiplier``."""
+    blocks = p["oft_blocks"]
+    k = blocks.shape[0]
+    out = w.shape[0]
+    q = blocks - blocks.transpose(1, 2)
+    norm = q.flatten().norm()
+    q = q * ((torch.clamp(norm, max=float(p["alpha"]) * out) + 1e-8) / (norm + 1e-8))
+    r = _cayley(q)
+    merged = torch.einsum("knm,kn...->km...", r, w.reshape(k, out // k, *w.shape[1:])).reshape(w.shape)
+    if "rescale" in p:
+        merged = p["rescale"].reshape(-1, *[1] * (w.dim() - 1)) * merged
+    return w + (merged - w) * strength
+
+
 def a1111(weight: torch.Tensor, params: Params, strength: float) -> torch.Tensor:
-    """A1111 built-in Lora extension.
+    """A1111 built-in Lora extension (OFT: :func:`_a1111_oft`).
 
     ``network_lora.py`` ``NetworkModuleLora.calc_updown``: ``up @ down`` (a k x k conv down merged by
     ``conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)``), ``dim = down.shape[0]``.
@@ -56,6 +87,8 @@ def a1111(weight: torch.Tensor, params: Params, strength: float) -> torch.Tensor
     ||W + updown||_col`` and ``updown = W' - W``; finally ``updown * multiplier()`` (the strength).
     """
     p, w = _f64(params), weight.double()
+    if "oft_blocks" in p:
+        return _a1111_oft(w, p, strength)
     if "lora_up.weight" in p:
         up, down = p["lora_up.weight"], p["lora_down.weight"]
         if down.dim() == 4 and down.shape[2:] != (1, 1):
@@ -83,11 +116,53 @@ def a1111(weight: torch.Tensor, params: Params, strength: float) -> torch.Tensor
     return w + updown * strength
 
 
-# --- ComfyUI: comfy/weight_adapter/{lora,loha,lokr,base}.py ------------------------------------------
+# --- ComfyUI: comfy/weight_adapter/{lora,loha,lokr,oft,boft,base}.py ---------------------------------
+
+
+def _comfyui_q(p: Params) -> torch.Tensor:
+    """``q = blocks - blocks.transpose(-1, -2)``; ``if alpha > 0`` and ``|q| + 1e-8 > alpha``: ``q * alpha / (|q| +
+    1e-8)`` (``alpha`` itself, not times the width; a missing alpha is 0 in ``oft.py``)."""
+    blocks = p["oft_blocks"]
+    q = blocks - blocks.transpose(-1, -2)
+    alpha = float(p["alpha"]) if "alpha" in p else 0.0
+    norm = q.norm() + 1e-8
+    return q * alpha / norm if alpha > 0 and norm > alpha else q
+
+
+def _comfyui_oft(w: torch.Tensor, p: Params, strength: float) -> torch.Tensor:
+    """``oft.py`` ``OFTAdapter.calculate_weight`` (3-D ``oft_blocks``): ``lora_diff = einsum("k n m, k n ... -> k m
+    ...", r * strength - strength * I, W.view(block_num, block_size, ...))``, ``weight += strength * lora_diff``;
+    ``rescale`` is loaded but never used."""
+    n, b, _ = p["oft_blocks"].shape
+    r = _cayley(_comfyui_q(p))
+    eye = torch.eye(b, dtype=r.dtype)
+    diff = torch.einsum("knm,kn...->km...", r * strength - strength * eye, w.reshape(n, b, *w.shape[1:]))
+    return w + strength * diff.reshape(w.shape)
+
+
+def _comfyui_boft(w: torch.Tensor, p: Params, strength: float) -> torch.Tensor:
+    """``boft.py`` ``BOFTAdapter.calculate_weight`` (4-D ``oft_blocks`` ``[m, n, b, b]``): for stage ``i``, ``bi =
+    r[i]`` (times ``strength`` plus ``(1 - strength) I`` when ``strength != 1``), rows unflattened to ``(-1, 2,
+    2^i b/2)``, axes 1 and 2 swapped, grouped by ``b``, einsum ``b i j, b j ... -> b i ...`` (``R_i`` on each group),
+    and the rows put back the same way; then ``* rescale``, ``lora_diff = inp - W``, ``weight += strength *
+    lora_diff``."""
+    m, _, b, _ = p["oft_blocks"].shape
+    r = _cayley(_comfyui_q(p))
+    eye = torch.eye(b, dtype=r.dtype)
+    rows = w
+    for i in range(m):
+        bi = r[i] * strength + (1 - strength) * eye if strength != 1 else r[i]
+        k = 2**i * (b // 2)
+        rows = rows.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        rows = torch.einsum("bij,bj...->bi...", bi, rows)
+        rows = rows.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    if "rescale" in p:
+        rows = rows * p["rescale"]
+    return w + strength * (rows - w)
 
 
 def comfyui(weight: torch.Tensor, params: Params, strength: float) -> torch.Tensor:
-    """ComfyUI ``calculate_weight`` of its weight adapters.
+    """ComfyUI ``calculate_weight`` of its weight adapters (OFT / BOFT: :func:`_comfyui_oft`, :func:`_comfyui_boft`).
 
     ``lora.py`` ``LoRAAdapter``: ``alpha = alpha / mat2.shape[0]`` (``mat2`` = down), ``lora_diff =
     mat1.flatten(1) @ mat2.flatten(1)`` reshaped to the weight. ``loha.py``: ``alpha / w1b.shape[0]``,
@@ -99,6 +174,8 @@ def comfyui(weight: torch.Tensor, params: Params, strength: float) -> torch.Tens
     ``dora_scale.shape[0] == W.shape[0]``; a ``[1, in]`` scale never takes it.)
     """
     p, w = _f64(params), weight.double()
+    if "oft_blocks" in p:
+        return (_comfyui_boft if p["oft_blocks"].dim() == 4 else _comfyui_oft)(w, p, strength)
     alpha = _alpha(p)
     if "lora_up.weight" in p:
         mat1, mat2 = p["lora_up.weight"], p["lora_down.weight"]

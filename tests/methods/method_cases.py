@@ -12,6 +12,8 @@ CASES = {
     "lora": {"method": "lora", "rank": 4, "optimizer": {"lr": 1e-2}},
     "loha": {"method": "lora", "adapter": "loha", "rank": 4, "optimizer": {"lr": 1e-2}},
     "lokr": {"method": "lora", "adapter": "lokr", "rank": 4, "optimizer": {"lr": 1e-2}},
+    "oft": {"method": "lora", "adapter": "oft", "block_size": 4, "constraint": 0.05, "optimizer": {"lr": 1e-2}},
+    "boft": {"method": "lora", "adapter": "boft", "block_size": 4, "rescaled": True, "optimizer": {"lr": 1e-2}},
     "lora_text_encoder": {"method": "lora", "rank": 4, "train_text_encoder": True, "optimizer": {"lr": 1e-2}},
     "pivotal": {"method": "lora", "rank": 4, "optimizer": {"lr": 1e-2}} | _TOKEN,
     "textual_inversion": {"method": "textual_inversion", "optimizer": {"lr": 0.05}} | _TOKEN,

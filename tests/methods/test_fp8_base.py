@@ -94,8 +94,9 @@ def test_fp8_base_refuses_dora_full_precision_and_other_methods(
 ):
     base = tiny_checkpoint("sd1")
     cfg = case_config(tmp_path, base, image_folder, "lora", mixed_precision="bf16").model_dump()
-    with pytest.raises(ConfigError, match="fp8_base: DoRA"):
-        _validated(tmp_path, cfg | {"fp8_base": True, "adapter": "dora"})
+    for adapter in ("dora", "oft", "boft"):
+        with pytest.raises(ConfigError, match=f"fp8_base: {adapter} computes from the exact base weight"):
+            _validated(tmp_path, cfg | {"fp8_base": True, "adapter": adapter, "rank": 8})
     with pytest.raises(ConfigError, match=r"fp8_base: .*set train.mixed_precision: bf16"):
         _validated(tmp_path, cfg | {"fp8_base": True, "train": cfg["train"] | {"mixed_precision": "no"}})
     ti = case_config(tmp_path, base, image_folder, "textual_inversion").model_dump()

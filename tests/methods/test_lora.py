@@ -49,24 +49,27 @@ def _unet_out(model, cond):
         return model.unet(latents, torch.tensor([500]), cond.context, **cond.unet_kwargs(16, 16)).sample
 
 
+ORTHOGONAL = {"block_size": 4, "rank": 8, "alpha": None}  # oft/boft: no rank (8 is the default, left as it is)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("adapter", ["lora", "dora", "locon", "loha", "lokr"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "locon", "loha", "lokr", "oft", "boft"])
 def test_every_adapter_kind_trains_only_adapters_and_writes_its_layout(
     tmp_path, tiny_checkpoint, image_folder, family, adapter
 ):
     path = tiny_checkpoint(family)
     extra = {
         "adapter": adapter,
-        "targets": "all" if adapter == "locon" else "attention_ff",
-        "train_text_encoder": adapter in ("lora", "loha"),
-        "save": {"dtype": "fp16" if adapter in ("lora", "lokr") else "fp32"},
-    }
+        "targets": "all" if adapter in ("locon", "boft") else "attention_ff",
+        "train_text_encoder": adapter in ("lora", "loha", "oft"),
+        "save": {"dtype": "fp16" if adapter in ("lora", "lokr", "boft") else "fp32"},
+    } | (ORTHOGONAL if adapter in ("oft", "boft") else {})
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, **extra))
     base = load_model(path)
     for name, module in job.components.items():
         original = base.modules()[name].state_dict()
         for key, value in module.state_dict().items():
-            if key.replace(".base_layer", "") in original and "lora_" not in key:
+            if key.replace(".base_layer", "") in original and "lora_" not in key and "oft_" not in key:
                 assert torch.equal(value, original[key.replace(".base_layer", "")]), key  # base weights frozen
     assert [p.suffix for p in outputs] == [".safetensors"]
     from safetensors import safe_open
@@ -110,6 +113,47 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_model(
     assert (trained - untouched).abs().max() > 1e-4  # the adapters changed the model
 
 
+@pytest.mark.parametrize(
+    ("family", "adapter", "extra"),
+    [("sd1", "oft", {"constraint": 1e-3, "train_text_encoder": True}), ("sd1", "boft", {"rescaled": True}),
+     ("sdxl", "boft", {"butterfly_factors": 2, "constraint": 1e-2})],
+)  # fmt: skip
+def test_oft_and_boft_train_and_the_exported_file_is_the_trained_model(
+    tmp_path, tiny_checkpoint, image_folder, family, adapter, extra
+):
+    """A few steps move the model (finite losses), the rotations stay orthogonal, and the file read back by sdtune's
+    own reader (from_kohya into fresh layers) gives the trained model's output: constraint and rescale included."""
+    from sdtune.adapters.oft import OrthogonalLayer, rotations
+    from sdtune.tools.lora_tools import apply_lora
+
+    path = tiny_checkpoint(family)
+    cfg = lora_config(tmp_path, path, image_folder, adapter=adapter, targets="all", save={"dtype": "fp32"},
+                      **ORTHOGONAL, **extra)  # fmt: skip
+    job, outputs = run_job(cfg)
+    losses = [row["loss"] for row in RunDir(tmp_path / "runs" / "concept").metrics() if "loss" in row]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    layers = [m for c in job.components.values() for m in c.modules() if isinstance(m, OrthogonalLayer)]
+    assert layers and all(m.oft_blocks["default"].dim() == (3 if adapter == "oft" else 4) for m in layers)
+    for layer in layers[:5]:
+        r = rotations(layer.oft_blocks["default"].detach(), layer.oft_limit["default"])
+        eye = torch.eye(r.shape[-1]).expand_as(r)
+        torch.testing.assert_close(r @ r.transpose(-1, -2), eye, atol=1e-5, rtol=0)  # orthogonal blocks
+    for module in job.components.values():
+        module.eval()
+    prompt = ["tag1, red, square"]
+    with torch.no_grad():
+        cond = encode_prompts(job.model, prompt)
+        trained = _unet_out(job.model, cond)
+    fresh = load_model(path)
+    untouched = _unet_out(fresh, encode_prompts(fresh, prompt))
+    apply_lora(fresh, outputs[0])
+    with torch.no_grad():
+        theirs = encode_prompts(fresh, prompt)
+    torch.testing.assert_close(theirs.context, cond.context, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_unet_out(fresh, theirs), trained, atol=1e-5, rtol=1e-4)
+    assert (trained - untouched).abs().max() > 1e-4  # the adapters changed the model
+
+
 def test_frozen_text_encoder_with_fixed_captions_encodes_each_caption_once(tmp_path, tiny_checkpoint, image_folder):
     job, _ = run_job(lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder))
     assert job.text_cache is not None and job.text_cache.encoded == 4  # 4 distinct captions, 4 steps x 2 samples
@@ -138,11 +182,36 @@ def test_target_that_matches_nothing_names_the_nearest_layers(tmp_path, tiny_che
         ({"alpha": -1}, "alpha"),
         ({"adapter": "locon", "targets": "attention"}, "set targets: all"),
         ({"adapter": "loha", "file_format": "peft"}, "diffusers cannot load loha"),
+        ({"adapter": "oft", "file_format": "peft", **ORTHOGONAL}, "diffusers cannot load oft"),
+        ({"adapter": "oft"}, r"rank: adapter: oft has no rank or alpha .*; remove rank: 4, alpha: 8.0"),
+        ({"adapter": "boft", "block_size": 4, "alpha": None, "rank": 8, "conv_rank": 2}, "conv_rank: adapter: boft"),
+        ({"block_size": 4}, "block_size: applies to adapter: oft or boft only"),
+        ({"rescaled": True}, "rescaled: applies to adapter: oft or boft only"),
+        ({"adapter": "oft", "butterfly_factors": 2, **ORTHOGONAL}, "butterfly_factors: applies to adapter: boft"),
+        ({"adapter": "oft", "block_size": 1, "rank": 8, "alpha": None}, "block_size"),
+        ({"adapter": "oft", "constraint": 0, **ORTHOGONAL}, "constraint"),
     ],
 )
 def test_bad_adapter_settings_are_config_errors(tmp_path, extra, message):
     with pytest.raises(ValidationError, match=message):
         lora_config(tmp_path, "m.safetensors", "d", **extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [  # tiny SD1 widths: 8, 16, 32, 64, 128 (BOFT's rule on real widths: tests/adapters/test_oft.py)
+        ({"adapter": "oft", "block_size": 3},
+         r"block_size: unet: layer '.*': block_size 3 does not divide its width 8; block sizes that do: 2, 4, 8"),
+        ({"adapter": "boft", "block_size": 4, "butterfly_factors": 4},
+         r"block_size: unet: layer '.*': no even block size <= 4 splits its width 8 into a multiple of 8 blocks"),
+    ],
+)  # fmt: skip
+def test_block_sizes_that_fit_no_layer_name_the_layer_and_the_sizes_that_do(
+    tmp_path, tiny_checkpoint, image_folder, extra, message
+):
+    cfg = lora_config(tmp_path, tiny_checkpoint("sd1"), image_folder, **{**ORTHOGONAL, **extra})
+    with pytest.raises(ConfigError, match=message):
+        setup(cfg, Accelerator(cpu=True))
 
 
 def test_pivotal_tuning_trains_token_then_freezes_it_and_exports_both(tmp_path, tiny_checkpoint, image_folder):
@@ -179,15 +248,20 @@ def test_pivotal_token_must_reach_the_prompts(tmp_path, tiny_checkpoint, image_f
         setup(cfg, Accelerator(cpu=True))
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora"])  # DoRA: its magnitudes averaged and resumed too
+# DoRA: its magnitudes averaged and resumed too; OFT / BOFT: their blocks (and BOFT's rescale), read back by sdtune
+@pytest.mark.parametrize("adapter", ["lora", "dora", "oft", "boft"])
 def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny_checkpoint, image_folder, adapter):
     from safetensors.torch import load_file
 
     from sdtune.core.events import StepEnd
+    from sdtune.tools.lora_tools import apply_lora
 
     path = tiny_checkpoint("sd1")
     extra = {"ema": True, "ema_decay": 0.9, "file_format": "peft", "train": {"max_steps": 4}, "optimizer": {"lr": 5e-2}}
     extra["adapter"] = adapter
+    orthogonal = adapter in ("oft", "boft")
+    if orthogonal:  # diffusers loads neither: the kohya/LyCORIS file, read back by sdtune's own reader
+        extra |= ORTHOGONAL | {"file_format": "kohya", "save": {"dtype": "fp32"}, "rescaled": adapter == "boft"}
     job, outputs = run_job(lora_config(tmp_path, path, image_folder, name="whole", **extra))
     whole = load_file(tmp_path / "runs" / "whole" / "checkpoints" / "step-4" / "trainable.safetensors")
     ema_keys = [k for k in whole if k.startswith("ema.unet.")]
@@ -203,7 +277,10 @@ def test_adapter_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path, tiny
         averaged = _unet_out(job.model, cond)
     raw = _unet_out(job.model, cond)
     fresh = load_model(path)
-    make_pipeline(fresh).load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
+    if orthogonal:
+        apply_lora(fresh, outputs[0])
+    else:
+        make_pipeline(fresh).load_lora_weights(str(outputs[0].parent), weight_name=outputs[0].name)
     torch.testing.assert_close(_unet_out(fresh, cond), averaged, atol=1e-5, rtol=1e-4)
     assert (averaged - raw).abs().max() > 1e-4
 

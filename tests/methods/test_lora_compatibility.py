@@ -19,16 +19,24 @@ SUPPORTED = {"lora": ("a1111", "comfyui", "invoke", "diffusers"), "locon": ("a11
              "loha": ("a1111", "comfyui", "invoke"), "lokr": ("a1111", "comfyui", "invoke"),
              # DoRA per input column: the UIs' convention; diffusers drops a kohya file's dora_scale (its user takes
              # the PEFT-layout file, below)
-             "dora": ("a1111", "comfyui", "invoke")}  # fmt: skip
+             "dora": ("a1111", "comfyui", "invoke"),
+             # OFT / BOFT: A1111 reads diag-OFT's oft_blocks (its kohya-OFT branch), not BOFT's; ComfyUI both, but it
+             # never applies an OFT's rescale; InvokeAI and diffusers neither
+             "oft": ("a1111", "comfyui"), "boft": ("comfyui",), "oft-rescaled": ("a1111",)}  # fmt: skip
+ORTHOGONAL = {"oft": {}, "boft": {}, "oft-rescaled": {"rescaled": True}}
 
 
 def _config(tmp_path, checkpoint, folder, adapter, **extra):
+    size = {"rank": 2}
+    if adapter in ORTHOGONAL:  # no rank: a block size
+        size = {"block_size": 4, **ORTHOGONAL[adapter]}
+        adapter = adapter.removesuffix("-rescaled")
     return LoraConfig.model_validate(
         {
             "method": "lora",
             "name": f"c-{adapter}",
             "output_dir": str(tmp_path / "runs"),
-            "rank": 2,
+            **size,
             "adapter": adapter,
             "targets": "all" if adapter == "locon" else "attention_ff",
             "train_text_encoder": adapter in ("lora", "loha"),
@@ -50,7 +58,7 @@ def _train(tmp_path, checkpoint, folder, adapter, bus=None):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("adapter", ["lora", "locon", "loha", "lokr", "dora"])
+@pytest.mark.parametrize("adapter", ["lora", "locon", "loha", "lokr", "dora", "oft", "boft", "oft-rescaled"])
 def test_every_lora_file_sdtune_writes_passes_the_targets_of_its_kind(
     tmp_path, tiny_checkpoint, image_folder, family, adapter
 ):
@@ -64,6 +72,11 @@ def test_every_lora_file_sdtune_writes_passes_the_targets_of_its_kind(
     stored = json.loads((tmp_path / "out" / "compatibility.json").read_text())[outputs[0].name]["targets"]
     assert {t for t, r in stored.items() if r["ok"]} == set(SUPPORTED[adapter])
     assert len(job.export_warnings) == 4 - len(SUPPORTED[adapter])
+    if adapter in ORTHOGONAL:  # the others say why: refused files, kinds not applied, a rescale dropped
+        assert stored["invoke"]["error"] and stored["diffusers"]["error"]
+        said = " ".join(job.export_warnings)
+        assert ("a1111 does not apply boft" in said) == (adapter == "boft")
+        assert ("ComfyUI ignores the rescale" in said) == (adapter == "oft-rescaled")
 
 
 def test_loha_export_warns_that_diffusers_drops_it(tmp_path, tiny_checkpoint, image_folder):

@@ -233,3 +233,17 @@ def test_noise_options_in_a_v_prediction_lora_run_with_zero_terminal_snr(tmp_pat
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"]) == ("6", "0.4")
     assert (meta["ss_ip_noise_gamma"], meta["ss_min_snr_gamma"]) == ("0.1", "5.0")
     assert meta["modelspec.prediction_type"] == "v"
+
+
+def test_block_options_are_refused_for_oft_and_boft(tmp_path):
+    import yaml
+
+    from sdtune.config import load_train_config
+
+    for adapter in ("oft", "boft"):
+        for field, value in (("down_lr_weight", "sine"), ("block_dims", [4] * 25)):
+            raw = {"method": "lora", "name": "x", "data": {"path": str(tmp_path)}, "adapter": adapter, field: value}
+            path = tmp_path / "c.yaml"
+            path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+            with pytest.raises(ConfigError, match=f"{field}: block options are for the rank-based kinds"):
+                load_train_config(path)

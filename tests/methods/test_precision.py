@@ -15,7 +15,7 @@ from sdtune.train.loop import train
 from sdtune.train.recipe import storage_dtypes
 from sdtune.train.rundir import RunDir
 
-PRECISION_CASES = ["lora", "loha", "lokr", "lora_text_encoder", "textual_inversion", "hypernetwork"]
+PRECISION_CASES = ["lora", "loha", "lokr", "oft", "boft", "lora_text_encoder", "textual_inversion", "hypernetwork"]
 
 
 def _config(tmp_path, base, folder, case: str, **train):

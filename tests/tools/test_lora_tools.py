@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtune.adapters.dora import input_dora_config
+from sdtune.adapters.oft import orthogonal_config
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_files import (
     kohya_metadata,
@@ -59,6 +60,9 @@ KINDS = {  # (peft config from targets and alpha, UNet targets)
     ),
     "loha": (lambda t, a: LoHaConfig(r=4, alpha=a, target_modules=t, init_weights=False), LOCON),
     "lokr": (lambda t, a: LoKrConfig(r=1, alpha=a, target_modules=t, init_weights=False), LOCON),
+    # multiplicative: OFT with COFT (active on the random blocks), BOFT with rescale
+    "oft": (lambda t, a: orthogonal_config("oft", 4, t, constraint=0.05), LOCON),
+    "boft": (lambda t, a: orthogonal_config("boft", 4, t, rescaled=True), LOCON),
 }
 
 
@@ -75,8 +79,10 @@ def write_lora(base, kind: str, path: Path, seed: int = 1, layout: str = "kohya"
     for c, module in parts(model).items():
         inject_adapter_in_model(configs[c], module)
         for name, p in module.named_parameters():
-            if "magnitude" in name:  # DoRA starts at the weight norm; move away from it
+            if "magnitude" in name or "rescale" in name:  # DoRA / OFT rescale start at the base; move away
                 p.data.mul_(1 + 0.5 * torch.rand_like(p))
+            elif "oft_blocks" in name:  # OFT starts at R = I
+                p.data.normal_(0, 0.3)
     states = {c: get_peft_model_state_dict(m) for c, m in parts(model).items()}
     if layout == "peft":
         save_lora(path, to_peft_diffusers(states, model.family), peft_diffusers_metadata(configs))
@@ -116,10 +122,10 @@ def assert_differs(got, want) -> None:
         assert (g - w).abs().max() > 100 * TOL
 
 
-def applied(base, *loras: tuple[Path, float]):
+def applied(base, *loras: tuple[Path, float], strength_as: str = "a1111"):
     model = copy.deepcopy(base)
     for path, weight in loras:
-        apply_lora(model, path, weight)
+        apply_lora(model, path, weight, strength_as)  # type: ignore[arg-type]
     return model
 
 
@@ -195,6 +201,40 @@ def test_merge_loras_stacks_and_saves_both_layouts(tiny_model, base_file, tmp_pa
     assert folder.is_dir() and (folder / "unet").is_dir()
     for out in (single, folder):
         assert_close(outputs(load_model(out)), stacked)
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_oft_stacks_with_a_lora_in_either_order_and_merges_as_applied(
+    kind: str, tiny_model, base_file, tmp_path: Path
+) -> None:
+    """OFT on top of a LoRA layer rotates that layer's output, a LoRA on top of OFT adds to the rotated layer: both
+    orders, unmerged, equal merge_loras' model (the files merged one after another)."""
+    base = tiny_model("sd1")
+    oft, lora = tmp_path / "oft.safetensors", tmp_path / "lora.safetensors"
+    write_lora(base, kind, oft, seed=1)
+    write_lora(base, "lora", lora, seed=2)
+    for pairs in ([(oft, 1.0), (lora, 0.5)], [(lora, 0.5), (oft, 0.7)]):
+        stacked = outputs(applied(base, *pairs))
+        assert_differs(stacked, outputs(applied(base, pairs[0])))
+        merged = merge_loras(base_file("sd1"), pairs, tmp_path / "m.safetensors", dtype=torch.float32, overwrite=True)
+        assert_close(outputs(load_model(merged)), stacked)
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_comfyui_strength_rule_merges_as_it_applies_and_differs_from_a1111s(
+    kind: str, tiny_model, base_file, tmp_path: Path
+) -> None:
+    base = tiny_model("sd1")
+    path = tmp_path / f"{kind}.safetensors"
+    write_lora(base, kind, path)
+    comfy = applied(base, (path, 0.6), strength_as="comfyui")
+    unmerged = outputs(comfy)
+    assert_differs(unmerged, outputs(applied(base, (path, 0.6))))  # ComfyUI's strength is not A1111's
+    merged = merge_loras(base_file("sd1"), [(path, 0.6)], tmp_path / "m.safetensors", dtype=torch.float32,
+                         strength_as="comfyui")  # fmt: skip
+    assert_close(outputs(load_model(merged)), unmerged)
+    with pytest.raises(ModelError, match="strength_as 'nope': use one of a1111, comfyui"):
+        apply_lora(copy.deepcopy(base), path, 0.6, "nope")  # type: ignore[arg-type]
 
 
 # --- 3. resize ---------------------------------------------------------------------------------------
@@ -322,17 +362,20 @@ def test_sd1_lora_into_sdxl_fails_before_changing_anything(tiny_model, base_file
     assert not out.exists()
 
 
-def test_resize_loha_and_convert_lokr_to_peft_are_refused(tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("resized", "converted"), [("loha", "lokr"), ("oft", "boft")])
+def test_resize_and_convert_to_peft_of_lycoris_only_kinds_are_refused(
+    tiny_model, tmp_path: Path, resized: str, converted: str
+) -> None:
     base = tiny_model("sd1")
-    loha, lokr = tmp_path / "loha.safetensors", tmp_path / "lokr.safetensors"
-    write_lora(base, "loha", loha)
-    write_lora(base, "lokr", lokr)
+    first, second = tmp_path / f"{resized}.safetensors", tmp_path / f"{converted}.safetensors"
+    write_lora(base, resized, first)
+    write_lora(base, converted, second)
     with pytest.raises(ModelError) as exc:
-        resize_lora(loha, 2, tmp_path / "x.safetensors")
-    one_line_naming(exc, loha, "loha", "LoRA, LoCon and DoRA")
+        resize_lora(first, 2, tmp_path / "x.safetensors")
+    one_line_naming(exc, first, resized, "LoRA, LoCon and DoRA")
     with pytest.raises(ModelError) as exc:
-        convert_lora(lokr, "peft", tmp_path / "y.safetensors")
-    one_line_naming(exc, lokr, "lokr", "PEFT")
+        convert_lora(second, "peft", tmp_path / "y.safetensors")
+    one_line_naming(exc, second, "PEFT")  # (from key names alone a BOFT is named oft)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 
 

@@ -74,7 +74,7 @@ def test_widgets_follow_the_types():
     fields, components = build("lora")
     c = dict(zip([f.key for f in fields], components, strict=True))
     assert isinstance(c["adapter"], gr.Dropdown)
-    assert [v for _, v in c["adapter"].choices] == ["lora", "dora", "locon", "loha", "lokr"]
+    assert [v for _, v in c["adapter"].choices] == ["lora", "dora", "locon", "loha", "lokr", "oft", "boft"]
     assert c["adapter"].value == "lora"
     assert isinstance(c["train_unet"], gr.Checkbox) and c["train_unet"].value is True
     assert isinstance(c["rank"], gr.Number) and c["rank"].value == 8

@@ -7,6 +7,9 @@
 - ``locon``: LoRA on the convolutions too (LyCORIS' name for it); the targets decide, see ``models.targets``
 - ``loha``: Hadamard product of two low-rank products (LyCORIS LoHa), peft ``LoHaConfig``
 - ``lokr``: Kronecker product with a low-rank factor (LyCORIS LoKr), peft ``LoKrConfig``
+- ``oft`` / ``boft``: multiplicative, a rotation of each layer's output channels (LyCORIS diag-OFT / BOFT); peft's
+  OFT/BOFT rotate the input instead, so the layers are sdtune's (:mod:`sdtune.adapters.oft`), built by
+  :func:`sdtune.adapters.oft.orthogonal_config` (they have no rank); the functions below work for them too
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from sdtune.adapters.dora import input_dora_config
+from sdtune.adapters.oft import inject_orthogonal, is_orthogonal
 
 AdapterKind = Literal["lora", "dora", "locon", "loha", "lokr"]
 
@@ -93,9 +97,18 @@ def check_rank(module: nn.Module, suffixes: Sequence[str], rank: int, ranks: Map
                 raise ValueError(f"rank {wanted} exceeds the width {width} of layer '{name}'; use a rank <= {width}")
 
 
+def add_adapter(module: nn.Module, config, adapter_name: str = "default") -> None:
+    """Add adapter ``adapter_name`` of ``config`` to ``module``: through peft, OFT / BOFT through their own
+    :func:`~sdtune.adapters.oft.inject_orthogonal` (peft's LoRA tuner would not wrap an existing LoRA layer)."""
+    if is_orthogonal(config):
+        inject_orthogonal(module, config, adapter_name)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+
+
 def inject(module: nn.Module, config) -> list[nn.Parameter]:
     """Add the adapter to ``module`` (frozen beforehand) and return its trainable parameters."""
-    inject_adapter_in_model(config, module)
+    add_adapter(module, config)
     return [p for p in module.parameters() if p.requires_grad]
 
 
@@ -105,10 +118,12 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def set_merged(module: nn.Module, merged: bool) -> None:
-    """Merge the adapter into the base weights (for export or fast inference) or take it out again."""
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            if merged and not layer.merged:
-                layer.merge()
-            elif not merged and layer.merged:
-                layer.unmerge()
+    """Merge the adapter into the base weights (for export or fast inference) or take it out again. Nested adapter
+    layers (a second file on the same layer) merge innermost first, the order they act in, and unmerge outermost
+    first: OFT's rotation does not commute with what it wraps."""
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]  # parents before their children
+    for layer in reversed(layers) if merged else layers:
+        if merged and not layer.merged:
+            layer.merge()
+        elif not merged and layer.merged:
+            layer.unmerge()

@@ -60,12 +60,15 @@ def merge(
     layout: str = typer.Option("single_file", help="single_file or diffusers."),
     dtype: str = typer.Option("fp16", help="Saved precision: fp16, bf16 or fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    strength_as: str = typer.Option(
+        "a1111", "--strength-as", help="How a weight scales OFT/BOFT: a1111 (W + w(W'-W)) or comfyui (its formulas)."
+    ),
 ) -> None:
     """Merge LoRAs into a model, one after another (kohya merge_lora.py), and save it."""
     from sdtune.tools.lora_tools import merge_loras
 
     pairs = [parse_lora_arg(a) for a in loras]
-    path = merge_loras(base, pairs, out, layout=layout, dtype=_dtype(dtype), overwrite=overwrite)  # type: ignore[arg-type]
+    path = merge_loras(base, pairs, out, layout, _dtype(dtype), overwrite, strength_as)  # type: ignore[arg-type]
     console.print(f"merged {len(pairs)} LoRA(s) into {path}", highlight=False, markup=False)
 
 

@@ -131,25 +131,45 @@ class DreamBoothData(StrictModel):
 
 
 _BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
+DEFAULT_BLOCK_SIZE = {"oft": 8, "boft": 16}  # block_size when empty (LoraConfig.block_size says why)
 
 
 class LoraConfig(WeightAverageFields, RunBase):
     """Train a concept model: low-rank adapters (LoRA family) on the UNet and, optionally, the text encoder(s)."""
 
     method: Literal["lora"]
-    adapter: Literal["lora", "dora", "locon", "loha", "lokr"] = "lora"
+    adapter: Literal["lora", "dora", "locon", "loha", "lokr", "oft", "boft"] = "lora"
     """Adapter kind: lora; dora (LoRA + learned magnitude); locon (LoRA on convolutions too: needs targets: all);
-    loha (LyCORIS Hadamard); lokr (LyCORIS Kronecker)."""
+    loha (LyCORIS Hadamard); lokr (LyCORIS Kronecker); oft (LyCORIS diag-OFT: a learned rotation of each layer's
+    output channels, in blocks); boft (LyCORIS BOFT: the rotation built from butterfly factors). oft and boft have no
+    rank: block_size sets their size (A1111 loads oft; ComfyUI loads both)."""
     rank: int = Field(8, ge=1, le=1024, examples=[8])
-    """Rank (kohya's network_dim): capacity of the adapter. 4-32 for a character or object."""
+    """Rank (kohya's network_dim): capacity of the adapter. 4-32 for a character or object. Not for oft/boft."""
     alpha: float | None = Field(None, gt=0, examples=[4.0])
-    """Scale numerator: the update is scaled by alpha / rank. Empty = rank (scale 1)."""
+    """Scale numerator: the update is scaled by alpha / rank. Empty = rank (scale 1). Not for oft/boft."""
     conv_rank: int | None = Field(None, ge=1, le=1024, examples=[4])
-    """Rank for convolution layers (with targets: all). Empty = rank."""
+    """Rank for convolution layers (with targets: all). Empty = rank. Not for oft/boft."""
     conv_alpha: float | None = Field(None, gt=0, examples=[1.0])
-    """Alpha for convolution layers. Empty = alpha."""
+    """Alpha for convolution layers. Empty = alpha. Not for oft/boft."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.1])
-    """Dropout on the adapter input (lora/dora/locon) or whole-module dropout (loha/lokr)."""
+    """Dropout on the adapter input (lora/dora/locon) or whole-module dropout (loha/lokr/oft/boft)."""
+    block_size: int | None = Field(None, ge=2, le=1024, examples=[8])
+    """oft/boft: block size (LyCORIS' network_dim for diag-oft and boft). oft: every adapted layer's output channels
+    are rotated in blocks of exactly this many, so it must divide each layer's width; bigger = more freedom, more
+    parameters. boft: the largest block size; each layer takes the largest even size up to it that splits its width
+    into a power-of-two number of blocks (LyCORIS' rule; SD 1.5/SDXL widths are 5 x 2^k in the UNet and 3 x 2^k in
+    CLIP-L, so 16 gives blocks of 10 and 12 there, 8 none in the UNet). Empty = 8 for oft, 16 for boft."""
+    constraint: float | None = Field(None, gt=0, examples=[1e-3])
+    """oft/boft: COFT (LyCORIS' constraint, kohya OFT's network_alpha): the rotation's skew-symmetric generator Q is
+    scaled down whenever its norm exceeds constraint x the layer's width, bounding how far the model can move.
+    Empty = unconstrained."""
+    rescaled: bool = False
+    """oft/boft: also learn a scale per output channel after the rotation (LyCORIS' rescaled). ComfyUI ignores it
+    for oft (its oft.py never applies it; the export warns)."""
+    butterfly_factors: int | None = Field(None, ge=1, le=16, examples=[2])
+    """boft: number of butterfly factors (PEFT's boft_n_butterfly_factor). Empty = all, log2(width / block) + 1 per
+    layer: what LyCORIS builds, and the only layout its own loader reads; fewer = cheaper, sparser rotations that
+    ComfyUI applies too."""
     targets: Literal["attention", "attention_ff", "all"] = "attention_ff"
     """Which layers get adapters: attention projections; + feed-forward and projections; + convolutions."""
     target_modules: list[str] = Field(default_factory=list, examples=[["to_q", "to_v"]])
@@ -247,6 +267,12 @@ class LoraConfig(WeightAverageFields, RunBase):
         dims, alphas = self.block_dims, self.block_alphas
         if dims is not None and alphas is not None and len(alphas) != len(dims):
             raise ValueError(f"block_alphas: one per block_dims entry: {len(dims)} values (got {len(alphas)})")
+        if (weights or self.block_dims is not None) and self.adapter in ("oft", "boft"):
+            given = [n for n in _BLOCK_OPTIONS if getattr(self, n) is not None]
+            raise ValueError(
+                f"{given[0]}: block options are for the rank-based kinds (lora, dora, locon, loha, lokr), not "
+                f"{self.adapter}; remove {', '.join(given)}"
+            )
         if (weights or self.block_dims is not None) and not self.train_unet:
             given = [n for n in _BLOCK_OPTIONS if getattr(self, n) is not None]
             raise ValueError(
@@ -264,8 +290,11 @@ class LoraConfig(WeightAverageFields, RunBase):
     def _consistent(self) -> LoraConfig:
         if self.adapter == "locon" and self.targets != "all" and not self.target_modules:
             raise ValueError("adapter: locon adapts convolutions; set targets: all (or use adapter: lora)")
-        if self.fp8_base and self.adapter == "dora":
-            raise ValueError("fp8_base: DoRA's magnitude needs the exact base weight; use adapter: lora or locon")
+        if self.fp8_base and self.adapter in ("dora", "oft", "boft"):
+            raise ValueError(
+                f"fp8_base: {self.adapter} computes from the exact base weight (DoRA's norm, OFT's rotated weight); "
+                "use adapter: lora, locon, loha or lokr"
+            )
         if self.fp8_base and self.train.mixed_precision == "no":
             raise ValueError("fp8_base: float8 weights compute in bf16 or fp16; set train.mixed_precision: bf16")
         if not (self.train_unet or self.train_text_encoder):
@@ -277,11 +306,32 @@ class LoraConfig(WeightAverageFields, RunBase):
             )
         if self.token is not None and (not self.token or any(c.isspace() or c == "," for c in self.token)):
             raise ValueError(f"token: one word without spaces or commas (got {self.token!r}); e.g. <my-concept>")
-        if self.file_format == "peft" and self.adapter in ("loha", "lokr"):
+        if self.file_format == "peft" and self.adapter in ("loha", "lokr", "oft", "boft"):
             raise ValueError(f"file_format: diffusers cannot load {self.adapter} files; use file_format: kohya")
+        self._orthogonal_fields()
         if self.dreambooth and self.token and _word_in(self.token, self.dreambooth.class_prompt):
             raise ValueError(_class_prompt_error(self.dreambooth.class_prompt, self.token, "dreambooth.class_prompt"))
         return self
+
+    def _orthogonal_fields(self) -> None:
+        """oft/boft take block_size, constraint, rescaled (and boft butterfly_factors); the rank fields none."""
+        orthogonal = self.adapter in ("oft", "boft")
+        if orthogonal:
+            set_rank = [f"{k}: {v}" for k, v in (("rank", self.rank if self.rank != 8 else None), ("alpha", self.alpha),
+                        ("conv_rank", self.conv_rank), ("conv_alpha", self.conv_alpha)) if v is not None]  # fmt: skip
+            if set_rank:
+                name = set_rank[0].split(":")[0]
+                raise ValueError(
+                    f"{name}: adapter: {self.adapter} has no rank or alpha (block_size sets its size; constraint "
+                    f"bounds it); remove {', '.join(set_rank)}"
+                )
+        else:
+            used = [k for k in ("block_size", "constraint", "butterfly_factors") if getattr(self, k) is not None]
+            used += ["rescaled"] * self.rescaled
+            if used:
+                raise ValueError(f"{used[0]}: applies to adapter: oft or boft only (got adapter: {self.adapter})")
+        if self.butterfly_factors is not None and self.adapter != "boft":
+            raise ValueError(f"butterfly_factors: applies to adapter: boft only (got adapter: {self.adapter})")
 
 
 # The names of sdtune.adapters.hypernetwork.ACTIVATIONS (A1111's activation list; a test keeps them equal).

@@ -26,6 +26,13 @@ Tensor conventions (kohya ``networks/lora.py``; LyCORIS ``lycoris/modules/{locon
 - LoKr: ``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b`` with PEFT's (= LyCORIS') factorisation.
   When both factors are full matrices, LyCORIS, A1111 and ComfyUI ignore ``alpha`` (scale 1), so the PEFT scale
   is multiplied into ``lokr_w2`` and ``alpha`` is written as 1.
+- OFT / BOFT (:mod:`sdtune.adapters.oft`, LyCORIS ``diag_oft.py`` / ``boft.py``): ``oft_blocks`` ``[n, b, b]`` /
+  ``[m, n, b, b]`` and ``rescale`` ``[out, 1(, 1, 1)]`` are sdtune's tensors; ``alpha`` is the COFT constraint, and
+  the readers disagree on it: LyCORIS and A1111 (``network_oft.py``, its kohya-OFT branch for ``oft_blocks``) limit
+  ``||Q||`` to ``alpha * out`` and A1111 turns ``alpha = 0`` into no rotation at all (it clamps to 0); ComfyUI
+  (``weight_adapter/oft.py``, ``boft.py``) limits it to ``alpha`` itself and takes 0 as none. So the constraint is
+  applied to the blocks before writing (``Q`` scales with ``B``) and ``alpha`` is written as ``max(1, 2 ||Q||)``,
+  a bound no reader clamps at: all of them then rotate by exactly the trained ``R``. Reading applies LyCORIS' rule.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from sdtune.adapters.dora import MAGNITUDE, input_dora_config, input_dora_weight, is_input_dora
+from sdtune.adapters.oft import OrthogonalConfig, blocks_shape, constrained, is_orthogonal, orthogonal_config, skew
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_keys import clip_module_path, kohya_module_name, kohya_name_table, unet_module_names_for
 from sdtune.formats.lora_metadata import (  # re-exported: the LoRA file API lives here
@@ -71,7 +79,7 @@ __all__ = [
     "to_peft_diffusers",
 ]
 
-PeftConfig = LoraConfig | LoHaConfig | LoKrConfig
+PeftConfig = LoraConfig | LoHaConfig | LoKrConfig | OrthogonalConfig
 States = dict[str, dict[str, torch.Tensor]]
 
 
@@ -117,6 +125,11 @@ def to_kohya(
                 alpha = _peft_scale(config, path, rank) * rank
                 if algo == "dora":
                     out[f"{name}.dora_scale"] = _dora_scale(p)
+            elif algo in ("oft", "boft"):
+                constraint = config.oft_constraint if isinstance(config, OrthogonalConfig) else 0.0
+                out[f"{name}.oft_blocks"], alpha = oft_file_blocks(p["oft_blocks"], constraint)
+                if "oft_rescale" in p:
+                    out[f"{name}.rescale"] = p["oft_rescale"]
             elif algo == "loha":
                 rank = p["hada_w1_b"].shape[0]
                 out.update({f"{name}.{k}": v for k, v in p.items()})
@@ -154,6 +167,29 @@ def one_alpha(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[up] = (tensors[up].double() * (alpha / common)).to(tensors[up].dtype)
             out[key] = torch.tensor(common, dtype=tensors[key].dtype)
     return out
+
+
+def _oft_width(blocks: torch.Tensor) -> int:
+    """The output width ``n * b`` an OFT ``[n, b, b]`` or BOFT ``[m, n, b, b]`` tensor rotates."""
+    return blocks.shape[-3] * blocks.shape[-1]
+
+
+def _limit_blocks(blocks: torch.Tensor, limit: float) -> torch.Tensor:
+    """``blocks`` scaled so that ``Q = B - B^T`` meets COFT's ``||Q|| <= limit`` (the same ``R`` without it)."""
+    q = skew(blocks.double())
+    norm = torch.linalg.vector_norm(q)
+    if limit <= 0 or norm == 0:
+        return blocks
+    factor = torch.linalg.vector_norm(constrained(q, limit)) / norm
+    return (blocks.double() * factor).to(blocks.dtype)
+
+
+def oft_file_blocks(blocks: torch.Tensor, constraint: float) -> tuple[torch.Tensor, float]:
+    """``(oft_blocks, alpha)`` to write: the constraint (``||Q|| <= constraint * out``) applied to the blocks, and an
+    ``alpha`` of ``max(1, 2 ||Q||)`` that neither LyCORIS / A1111 (``alpha * out``) nor ComfyUI (``alpha``) clamp at."""
+    written = _limit_blocks(blocks, constraint * _oft_width(blocks))
+    norm = float(torch.linalg.vector_norm(skew(written.double())))
+    return written, max(1.0, 2.0 * norm)
 
 
 def _dora_scale(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -200,7 +236,8 @@ def from_kohya(
         if len(algos) > 1:
             raise ModelError(f"{component} LoRA mixes algorithms ({', '.join(sorted(algos))}); PEFT needs one")
         algo = algos.pop()
-        convert = _lokr_from_kohya if algo == "lokr" else _lora_from_kohya
+        readers = {"lokr": _lokr_from_kohya, "oft": _oft_from_kohya, "boft": _oft_from_kohya}
+        convert = readers.get(algo, _lora_from_kohya)
         states[component], configs[component] = convert(modules, algo)
     return states, configs
 
@@ -319,6 +356,44 @@ def _lokr_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: st
     return state, LoKrConfig(**kwargs, decompose_both=decompose_both, decompose_factor=factor)
 
 
+def _oft_from_kohya(modules: Mapping[str, Mapping[str, torch.Tensor]], algo: str) -> tuple[dict, PeftConfig]:
+    """OFT / BOFT: the blocks with LyCORIS' constraint applied (``||Q|| <= alpha * out``, ``alpha = 0``: none), the
+    rescale as it is, and an :func:`~sdtune.adapters.oft.orthogonal_config` that rebuilds the same block layout."""
+    state: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    stages: dict[str, int | None] = {}
+    for path, p in modules.items():
+        blocks = p["oft_blocks"]
+        width = _oft_width(blocks)
+        alpha = float(p["alpha"]) if "alpha" in p else 0.0
+        state[f"{path}.oft_blocks"] = _limit_blocks(blocks, alpha * width)
+        if "rescale" in p:
+            state[f"{path}.oft_rescale"] = p["rescale"]
+        sizes[path] = blocks.shape[-1]
+        if algo == "boft":
+            n = blocks.shape[1]
+            full = n & (n - 1) == 0 and blocks.shape[0] == n.bit_length()  # log2(n) + 1: LyCORIS' only choice
+            stages[path] = None if full else blocks.shape[0]
+    factors = set(stages.values()) - {None}  # a layer with all its factors fits any setting that reaches them
+    if len(factors) > 1:
+        raise ModelError("the BOFT modules use different numbers of butterfly factors; sdtune's layers need one")
+    factor = factors.pop() if factors else None
+    for path, p in modules.items():
+        want = blocks_shape(algo, _oft_width(p["oft_blocks"]), sizes[path], factor)  # type: ignore[arg-type]
+        if tuple(p["oft_blocks"].shape) != want:
+            raise ModelError(f"{algo.upper()} module '{path}' has blocks {tuple(p['oft_blocks'].shape)}, not {want}")
+    common = collections.Counter(sizes.values()).most_common(1)[0][0]
+    config = orthogonal_config(
+        algo,  # type: ignore[arg-type]
+        common,
+        sorted(modules),
+        rescaled=any("rescale" in p for p in modules.values()),
+        butterfly_factors=factor,
+        block_pattern={path: b for path, b in sizes.items() if b != common},
+    )
+    return state, config
+
+
 def to_peft_diffusers(states: Mapping[str, Mapping[str, torch.Tensor]], family: ModelFamily) -> dict[str, torch.Tensor]:
     """The diffusers PEFT layout ``pipe.load_lora_weights`` reads natively (LoRA and DoRA only).
 
@@ -333,8 +408,8 @@ def to_peft_diffusers(states: Mapping[str, Mapping[str, torch.Tensor]], family: 
             raise ModelError(f"{family.name} has no component '{component}'; use one of {', '.join(allowed)}")
         for key, tensor in state.items():
             path, param = split_param(key, PEFT_PARAM_NAMES)
-            if param.startswith(("hada_", "lokr_")):
-                raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+            if param.startswith(("hada_", "lokr_", "oft_")):
+                raise ModelError("diffusers cannot load LoHa/LoKr/OFT/BOFT files; use the kohya/LyCORIS layout")
             if param == MAGNITUDE:
                 raise ModelError(
                     "diffusers' DoRA normalises output rows, sdtune's input columns: write the PEFT layout from "
@@ -354,8 +429,8 @@ def peft_diffusers_metadata(configs: Mapping[str, PeftConfig]) -> dict[str, str]
     ``LoraBaseMixin._save_lora_weights``); ``load_lora_weights`` builds its ``LoraConfig`` from it."""
     packed: dict[str, Any] = {}
     for component, config in configs.items():
-        if not isinstance(config, LoraConfig):
-            raise ModelError("diffusers cannot load LoHa/LoKr files; use the kohya/LyCORIS layout")
+        if not isinstance(config, LoraConfig) or is_orthogonal(config):
+            raise ModelError("diffusers cannot load LoHa/LoKr/OFT/BOFT files; use the kohya/LyCORIS layout")
         if is_input_dora(config):
             raise ModelError(
                 "a per-input-column DoRA config would load as diffusers' output-row DoRA; use the "

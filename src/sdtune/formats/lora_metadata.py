@@ -35,8 +35,10 @@ from sdtune.formats.hashes import a1111_legacy_hash, addnet_hash
 from sdtune.models.family import ModelFamily
 
 Layout = Literal["kohya", "lycoris", "peft"]
-Algo = Literal["lora", "locon", "dora", "loha", "lokr"]
-ALGOS: tuple[str, ...] = ("lora", "locon", "dora", "loha", "lokr")
+Algo = Literal["lora", "locon", "dora", "loha", "lokr", "oft", "boft"]
+ALGOS: tuple[str, ...] = ("lora", "locon", "dora", "loha", "lokr", "oft", "boft")
+# LyCORIS' algo names (lycoris/kohya.py, wrapper.py) where they differ from sdtune's.
+_LYCORIS_ALGO = {"dora": "lora", "oft": "diag-oft"}
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 PEFT_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -46,6 +48,7 @@ LYCORIS_ONLY_KEYS = (
     "dora_scale", "lora_mid.weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+    "oft_blocks", "rescale",  # OFT [n, b, b] and BOFT [m, n, b, b] (lycoris/modules/diag_oft.py, boft.py)
 )  # fmt: skip
 KOHYA_PARAM_NAMES = (*LORA_KEYS, "alpha", *LYCORIS_ONLY_KEYS)
 # PEFT adapter state-dict names after the module path (peft get_peft_model_state_dict).
@@ -54,6 +57,7 @@ PEFT_PARAM_NAMES = (
     "lora_input_magnitude",  # sdtune's per-input-column DoRA (sdtune.adapters.dora)
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "oft_blocks", "oft_rescale",  # sdtune's OFT / BOFT layers (sdtune.adapters.oft)
 )  # fmt: skip
 
 
@@ -62,16 +66,20 @@ def split_param(key: str, param_names: Iterable[str]) -> tuple[str, str]:
     for param in param_names:
         if key.endswith("." + param):
             return key[: -len(param) - 1], param
-    raise ModelError(f"LoRA tensor '{key}' is of no supported kind (LoRA, LoCon, DoRA, LoHa, LoKr)")
+    raise ModelError(f"LoRA tensor '{key}' is of no supported kind (LoRA, LoCon, DoRA, LoHa, LoKr, OFT, BOFT)")
 
 
-def module_algo(params: Iterable[str]) -> Algo:
-    """The algorithm of one module from its tensor names (kohya/LyCORIS or PEFT names)."""
+def module_algo(params: Iterable[str] | Mapping[str, Any]) -> Algo:
+    """The algorithm of one module from its tensor names (kohya/LyCORIS or PEFT names); a mapping of names to
+    tensors or shapes also tells BOFT (4-D ``oft_blocks``) from OFT (3-D), which names alone cannot."""
     names = set(params)
     if names & {"hada_w1_a", "hada_w1_b"}:
         return "loha"
     if any(n.startswith("lokr_") for n in names):
         return "lokr"
+    if "oft_blocks" in names:
+        blocks = params["oft_blocks"] if isinstance(params, Mapping) else None
+        return "boft" if blocks is not None and len(getattr(blocks, "shape", blocks)) == 4 else "oft"
     if names & {"dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_input_magnitude"}:
         return "dora"
     return "lora"
@@ -106,13 +114,15 @@ def kohya_metadata(
 
     ``dora_on_output``: the DoRA magnitude is per output row (peft's, old sdtune files) instead of per input column.
     ``network_args``: more of sd-scripts' ``--network_args`` for ``ss_network_args`` (e.g. ``block_dims``).
+    OFT / BOFT: ``rank`` is the block size (LyCORIS' ``network_dim`` for them), ``alpha`` the constraint, and
+    ``network_args`` adds LyCORIS' ``constraint`` / ``rescaled`` to ``ss_network_args``.
     """
     if algo not in ALGOS:
         raise ModelError(f"unknown LoRA algorithm '{algo}'; use one of {', '.join(ALGOS)}")
-    lycoris = algo in ("dora", "loha", "lokr")
+    lycoris = algo in ("dora", "loha", "lokr", "oft", "boft")
     args: dict[str, str] = {}
     if lycoris:
-        args["algo"] = "lora" if algo == "dora" else algo
+        args["algo"] = _LYCORIS_ALGO.get(algo, algo)
     if conv_rank:
         args["conv_dim"] = str(conv_rank)
         args["conv_alpha"] = str(float(conv_alpha if conv_alpha is not None else conv_rank))
@@ -188,7 +198,9 @@ def lora_summary(path: str | Path) -> dict[str, Any]:
 
 
 def _rank(params: Mapping[str, list[int]]) -> int | None:
-    for name, axis in (("lora_down.weight", 0), ("lora_A.weight", 0), ("hada_w1_b", 0), ("lokr_w2_a", 1)):
+    # OFT / BOFT: the block size, what LyCORIS calls their dim
+    for name, axis in (("lora_down.weight", 0), ("lora_A.weight", 0), ("hada_w1_b", 0), ("lokr_w2_a", 1),
+                       ("oft_blocks", -1)):  # fmt: skip
         if name in params:
             return params[name][axis]
     if "lokr_w1_a" in params:

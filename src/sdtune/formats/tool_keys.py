@@ -137,8 +137,9 @@ PEFT_PARAMS = (
 )  # fmt: skip
 
 
-def kind_of(params: Iterable[str]) -> str:
-    """The adapter kind of one module from its tensor names (LyCORIS' own detection order)."""
+def kind_of(params: Iterable[str] | Mapping[str, Shape]) -> str:
+    """The adapter kind of one module from its tensor names (LyCORIS' own detection order); given the shapes too,
+    a 4-D ``oft_blocks`` is BOFT (LyCORIS ``ButterflyOFTModule.algo_check``, ComfyUI ``BOFTAdapter.load``)."""
     names = set(params)
     if names & {"hada_w1_a", "hada_w1_b"}:
         return "loha"
@@ -147,7 +148,8 @@ def kind_of(params: Iterable[str]) -> str:
     if "a1.weight" in names:
         return "glora"
     if names & {"oft_blocks", "oft_diag"}:
-        return "oft"
+        blocks = params.get("oft_blocks", params.get("oft_diag")) if isinstance(params, Mapping) else None
+        return "boft" if blocks is not None and len(blocks) == 4 else "oft"
     if "on_input" in names:
         return "ia3"
     if "diff" in names:
@@ -625,9 +627,13 @@ def check_keys(
 
 # Adapter kinds each tool applies (A1111 networks.py module_types; ComfyUI weight_adapter.adapters; InvokeAI
 # any_lora_layer_from_state_dict; diffusers: LoRA only, DoRA in the PEFT layout).
+# OFT / BOFT: A1111's network_oft.py reads ``oft_blocks`` as kohya's OFT (3-D: ``(num_blocks, block_size,
+# block_size)``, what LyCORIS' diag-OFT writes too) and LyCORIS BOFT only under the older name ``oft_diag``; a 4-D
+# ``oft_blocks`` goes down the kohya branch, whose ``transpose(1, 2)`` / block identity do not fit it, so A1111
+# fails on BOFT files as LyCORIS and ComfyUI write them. ComfyUI applies both (oft.py: 3-D, boft.py: 4-D).
 SUPPORTED_KINDS = {
     "a1111": {"lora", "loha", "lokr", "glora", "oft", "ia3", "full", "norm"},
-    "comfyui": {"lora", "loha", "lokr", "glora", "oft", "full", "norm"},
+    "comfyui": {"lora", "loha", "lokr", "glora", "oft", "boft", "full", "norm"},
     "invoke": {"lora", "loha", "lokr", "ia3", "full", "norm"},
     "diffusers": {"lora"},
 }
@@ -638,6 +644,11 @@ def _kind_issues(grouped: Mapping[str, Mapping[str, Shape]], target: str, report
     for kind, n in sorted(kinds.items()):
         if kind not in SUPPORTED_KINDS[target]:
             report.issues.append(f"{target} does not apply {kind} ({n} modules)")
+    # comfy/weight_adapter/oft.py OFTAdapter.calculate_weight loads ``rescale`` but never multiplies it in (boft.py
+    # does); A1111's network_oft.py applies it for both.
+    rescaled = sum(1 for p in grouped.values() if kind_of(p) == "oft" and "rescale" in p)
+    if target == "comfyui" and rescaled:
+        report.issues.append(f"ComfyUI ignores the rescale of {rescaled} OFT modules (its oft.py never applies it)")
     if target == "invoke" and any("dora_scale" in p and kind_of(p) != "lora" for p in grouped.values()):
         report.issues.append("InvokeAI applies DoRA to LoRA/LoCon modules only (its DoRA layer needs lora_up/down)")
 

@@ -1,11 +1,11 @@
-"""Concept models: LoRA, DoRA, LoCon, LoHa and LoKr adapters, trained with the base model frozen.
+"""Concept models: LoRA, DoRA, LoCon, LoHa, LoKr, OFT and BOFT adapters, trained with the base model frozen.
 
 Recipe:
 1. load the base model and freeze all of it;
 2. read the images and captions, encode the images to latents once; when the text encoders are frozen and the
    captions never change, their conditioning is computed once too;
 3. add peft adapters of the chosen kind to the chosen layers of the UNet (and text encoders), check that every
-   target exists and that the rank fits the layers;
+   target exists and that the rank (OFT/BOFT: the block size) fits the layers;
 4. loss: the caption (through the template), noise at a random timestep, the adapted UNet's prediction against
    the noise (or velocity), Min-SNR weighting if configured;
 5. EMA (``ema: true``): an exponential moving average of the adapter weights, as the full fine-tune keeps of its
@@ -35,9 +35,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from rich.console import Console
 
 from sdtune.adapters.lora import adapter_state, check_rank, check_targets, inject, matching_modules, peft_config
+from sdtune.adapters.oft import check_blocks, orthogonal_config
 from sdtune.adapters.token_embedding import add_trainable_token, expand_token
 from sdtune.config.block_weights import expand_block_weights
-from sdtune.config.methods import LoraConfig
+from sdtune.config.methods import DEFAULT_BLOCK_SIZE, LoraConfig
 from sdtune.core.dtypes import cast_floats, torch_dtype
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.data import process_caption
@@ -103,6 +104,16 @@ def adapter_configs(cfg: LoraConfig, components: dict[str, torch.nn.Module], fam
         else:
             targets = list((UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS)[cfg.targets])
         if not targets:  # explicit targets that all live in other components
+            continue
+        if cfg.adapter in ("oft", "boft"):  # a rotation of each layer's output channels, in blocks
+            block = cfg.block_size or DEFAULT_BLOCK_SIZE[cfg.adapter]
+            try:
+                check_blocks(module, targets, cfg.adapter, block, cfg.butterfly_factors)
+            except ValueError as exc:
+                raise ConfigError(f"block_size: {name}: {exc}") from None
+            configs[name] = orthogonal_config(
+                cfg.adapter, block, targets, cfg.constraint or 0.0, cfg.rescaled, cfg.butterfly_factors, cfg.dropout
+            )
             continue
         alpha = cfg.alpha or cfg.rank
         conv_alpha = (cfg.conv_alpha or alpha) if cfg.conv_rank else None
@@ -415,16 +426,20 @@ class LoraJob:
         if self.base_path.is_file():
             training["sshs_model_hash_base"] = a1111_short_hash(self.base_path)
         algo = "locon" if cfg.adapter == "lora" and cfg.targets == "all" else cfg.adapter
+        rank, alpha, args = cfg.rank, cfg.alpha or cfg.rank, {}
+        if cfg.adapter in ("oft", "boft"):  # LyCORIS: dim = block size, alpha = constraint (network_args too)
+            rank, alpha = cfg.block_size or DEFAULT_BLOCK_SIZE[cfg.adapter], cfg.constraint or 0.0
+            args = {"constraint": str(alpha), "rescaled": str(cfg.rescaled)}
         metadata = kohya_metadata(
             family,
             algo,
-            cfg.rank,
-            cfg.alpha or cfg.rank,
+            rank,
+            alpha,
             {k: str(v) for k, v in training.items() if v is not None},
             conv_rank=cfg.conv_rank,
             conv_alpha=cfg.conv_alpha,
             title=cfg.name,
-            network_args=_block_args(cfg),
+            network_args=args | _block_args(cfg),
         )
         tensors = to_kohya(states, self.peft_configs, family, self.model.unet.config)
         if cfg.block_dims is not None:  # per-block alphas: one alpha in the file (diffusers' converter), then cast

@@ -64,27 +64,29 @@ def check_file(path: str | Path, targets: Iterable[str] = TARGETS, model: SDComp
         modules, per_block = modules_of(model)
     else:
         modules, per_block = real_model_modules(claimed_family(path, keys, metadata))
-    reports = check_keys(header_shapes(path), modules, targets, per_block)
+    shapes = header_shapes(path)
+    reports = check_keys(shapes, modules, targets, per_block)
     return {
         "file": str(path),
         "family": modules.family.name,
         "layout": layout,
-        "algo": _algo(keys, layout),
+        "algo": _algo(shapes, layout),
         "ok": all(r.ok for r in reports.values()),
         "targets": reports,
     }
 
 
-def _algo(keys: list[str], layout: str) -> str:
+def _algo(shapes: dict[str, tuple[int, ...]], layout: str) -> str:
+    """The file's algorithm(s) from its tensor names and shapes (the shapes tell BOFT from OFT)."""
     if layout == "peft":
-        return "dora" if any("magnitude" in k for k in keys) else "lora"
-    params: dict[str, set[str]] = {}
-    for key in keys:
+        return "dora" if any("magnitude" in k for k in shapes) else "lora"
+    params: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
         try:
             module, param = split_param(key, KOHYA_PARAM_NAMES)
         except ModelError:
             module, param = key.split(".", 1)[0], key.split(".", 1)[-1]
-        params.setdefault(module, set()).add(param)
+        params.setdefault(module, {})[param] = shape
     return "+".join(sorted({module_algo(p) for p in params.values()}))
 
 

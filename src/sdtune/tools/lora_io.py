@@ -209,8 +209,11 @@ def _claimed_arch(keys: Sequence[str], metadata: Mapping[str, str]) -> str | Non
     return None
 
 
-def _dims(p: Mapping[str, torch.Size]) -> tuple[int, int]:
-    """``(out, in * k * k)`` of the weight a module's LoRA tensors update (LoRA, LoHa, LoKr)."""
+def _dims(p: Mapping[str, torch.Size]) -> tuple[int, int | None]:
+    """``(out, in * k * k)`` of the weight a module's LoRA tensors update (LoRA, LoHa, LoKr); OFT / BOFT rotate the
+    rows only, so their ``in`` is not known (``None``)."""
+    if "oft_blocks" in p:
+        return p["oft_blocks"][-3] * p["oft_blocks"][-1], None
     if "lora_up.weight" in p:
         return p["lora_up.weight"][0], math.prod(p["lora_down.weight"][1:])
     if "hada_w1_a" in p:
@@ -245,11 +248,13 @@ def lora_family_check(path: str | Path, family: ModelFamily | str, model: SDComp
             raise ModelError(f"{path}: LoRA module '{name}' is not in this {family.arch} model; is it for another one?")
         layer = modules[found[0]].get_submodule(found[1])
         weight = (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
-        want, got = (weight.shape[0], weight[0].numel()), _dims({k: v.shape for k, v in params.items()})
-        down = params.get("lora_down.weight")
+        got = _dims({k: v.shape for k, v in params.items()})
+        want = (weight.shape[0], weight[0].numel() if got[1] is not None else None)
+        down = params.get("lora_down.weight", params.get("rescale"))
         if want != got or (down is not None and down.dim() != weight.dim()):  # e.g. a Linear LoRA on a 1x1 conv
             shape = (got[0], *down.shape[1:]) if down is not None else got
+            what = f"rotates {got[0]} output channels" if got[1] is None else f"updates a {tuple(shape)} weight"
             raise ModelError(
-                f"{path}: LoRA module '{name}' updates a {tuple(shape)} weight but this {family.arch} model's is "
+                f"{path}: LoRA module '{name}' {what} but this {family.arch} model's is "
                 f"{tuple(weight.shape)}; is the LoRA for another model?"
             )

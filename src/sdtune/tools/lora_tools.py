@@ -5,9 +5,11 @@ What each tool mirrors:
 
 - :func:`merge_loras` / :func:`merge_into`: kohya-ss/sd-scripts ``networks/merge_lora.py`` (``merge_to``: every
   LoRA's delta times its ratio added to the base weights, one file after another, then saved as a model).
-  A weight ``w`` always means ``W + w * (W_adapted - W)``; for DoRA that is what LyCORIS, A1111, ComfyUI and
+  A weight ``w`` means ``W + w * (W_adapted - W)``; for DoRA that is what LyCORIS, A1111, ComfyUI and
   InvokeAI do with a strength, represented exactly in PEFT by rescaling ``lora_A`` columns (per-input-column DoRA)
-  or ``lora_B`` rows (per-output-row) and the magnitude.
+  or ``lora_B`` rows (per-output-row) and the magnitude. OFT / BOFT (multiplicative: ``W' = R W``) are merged
+  exactly by their own layers (:mod:`sdtune.adapters.oft`); there the UIs disagree on what a strength means, so
+  ``strength_as="comfyui"`` gives ComfyUI's rule instead of A1111's (the same for every other kind).
 - :func:`resize_lora` / :func:`extract_lora` (SVD, in :mod:`sdtune.tools.lora_svd`): ``networks/resize_lora.py``
   and ``networks/extract_lora_from_models.py``.
 - :func:`convert_lora`: between the kohya/LyCORIS layout and diffusers' PEFT layout
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from sdtune.adapters.dora import INPUT_DORA_LAYERS, MAGNITUDE, column_norm, is_input_dora
+from sdtune.adapters.lora import add_adapter
+from sdtune.adapters.oft import STRENGTH_RULES, OrthogonalLayer, StrengthRule
 from sdtune.core.errors import ModelError
 from sdtune.formats.lora_files import (
     dense_lora_from_dora,
@@ -112,13 +116,19 @@ def _check_input_dora_layers(path: str | Path, module: torch.nn.Module, adapter:
             )
 
 
-def apply_lora(components: SDComponents, path: str | Path, weight: float = 1.0) -> None:
+def apply_lora(
+    components: SDComponents, path: str | Path, weight: float = 1.0, strength_as: StrengthRule = "a1111"
+) -> None:
     """Add the LoRA at ``path`` to the model's UNet and text encoders through PEFT, scaled by ``weight``, unmerged.
 
     Several files can be applied (each is its own PEFT adapter, all active); unmerged they act like files merged
     one after another, except a DoRA after another adapter on the same layer (PEFT normalises DoRA by the
-    original weight, a merge by the weight so far). The family is checked first.
+    original weight, a merge by the weight so far). The family is checked first. ``strength_as``: how ``weight``
+    scales OFT / BOFT modules (``a1111``: ``W + w (W' - W)``; ``comfyui``: ComfyUI's formulas, which also drop an
+    OFT's rescale); every other kind is ``W + w (W' - W)`` in every tool.
     """
+    if strength_as not in STRENGTH_RULES:
+        raise ModelError(f"strength_as '{strength_as}': use one of {', '.join(STRENGTH_RULES)}")
     lora_family_check(path, components.family, components)
     states, configs, _, _ = read_lora(path, components)
     modules = components.modules()
@@ -128,7 +138,7 @@ def apply_lora(components: SDComponents, path: str | Path, weight: float = 1.0) 
         adapter = next(f"sdtune{i}" for i in range(len(taken) + 1) if f"sdtune{i}" not in taken)
         with warnings.catch_warnings():  # "already found a peft_config": several adapters are what we want
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(configs[component], module, adapter_name=adapter)
+            add_adapter(module, configs[component], adapter)
         if is_input_dora(configs[component]):
             _check_input_dora_layers(path, module, adapter)
         result = set_peft_model_state_dict(module, state, adapter_name=adapter)
@@ -139,7 +149,9 @@ def apply_lora(components: SDComponents, path: str | Path, weight: float = 1.0) 
                 continue
             # PEFT makes the newest adapter the only active one in every layer, even layers without it
             layer.set_adapter(_adapter_names(layer))
-            if adapter in _adapter_names(layer) and weight != 1.0:
+            if isinstance(layer, OrthogonalLayer) and adapter in layer.oft_blocks:
+                layer.set_strength(adapter, weight, strength_as)  # the rule matters at 1 too (ComfyUI's rescale)
+            elif adapter in _adapter_names(layer) and weight != 1.0:
                 if getattr(layer, "use_dora", {}).get(adapter):
                     _scale_dora(layer, adapter, weight)
                 else:
@@ -175,11 +187,14 @@ def merge_loras(
     layout: Literal["single_file", "diffusers"] = "single_file",
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
+    strength_as: StrengthRule = "a1111",
 ) -> Path:
     """Load ``base``, merge each ``(lora, weight)`` in turn (sd-scripts ``merge_lora.py``), save to ``out``.
 
-    Every file is checked against the model before any is applied.
+    Every file is checked against the model before any is applied; ``strength_as`` as in :func:`apply_lora`.
     """
+    if strength_as not in STRENGTH_RULES:
+        raise ModelError(f"strength_as '{strength_as}': use one of {', '.join(STRENGTH_RULES)}")
     if layout not in ("single_file", "diffusers"):
         raise ModelError(f"layout '{layout}': use single_file or diffusers")
     out = Path(out)
@@ -189,7 +204,7 @@ def merge_loras(
     for path, _ in loras:
         lora_family_check(path, model.family, model)
     for path, weight in loras:
-        apply_lora(model, path, weight)
+        apply_lora(model, path, weight, strength_as)
         merge_into(model)
     return save_model(model, out, layout=layout, dtype=dtype, overwrite=overwrite)
 
@@ -215,8 +230,9 @@ def convert_lora(
         raise ModelError(f"--to {to}: use kohya or peft")
     keys, metadata = keys_meta(path)
     algos = {module_algo(p) for p in group_modules(dict.fromkeys(keys), KOHYA_PARAM_NAMES + PEFT_PARAM_NAMES).values()}
-    if to == "peft" and algos & {"loha", "lokr"}:
-        algo = "/".join(sorted(algos & {"loha", "lokr"}))
+    lycoris_only = {"loha", "lokr", "oft", "boft"}  # module_algo on names alone calls a BOFT "oft"
+    if to == "peft" and algos & lycoris_only:
+        algo = "/".join(sorted(algos & lycoris_only))
         raise ModelError(
             f"{path}: a {algo} file cannot be written in the diffusers/PEFT layout; keep it as kohya/LyCORIS"
         )

@@ -82,10 +82,9 @@ def parkable(job) -> dict[str, torch.nn.Module]:
     model = getattr(job, "model", None)
     if model is None:
         return {}
-    trained = {id(p) for group in job.trainable_parameters() for p in group["params"]}
 
-    def frozen(module: torch.nn.Module) -> bool:
-        return not any(id(p) in trained or p.requires_grad for p in module.parameters())
+    def frozen(module: torch.nn.Module) -> bool:  # what trains requires grad when the loop starts
+        return not any(p.requires_grad for p in module.parameters())
 
     out: dict[str, torch.nn.Module] = {}
     if getattr(job, "text_cache", None) is not None:

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from sdtune.config.blocks import DataConfig
 from sdtune.config.methods import RunBase
+from sdtune.core.dtypes import TORCH_DTYPES
 from sdtune.core.errors import ConfigError
 from sdtune.data import CaptionOptions, Templates, load_templates
 from sdtune.data.dataset import ImageCaptionSet, has_validation
@@ -90,7 +91,7 @@ def frozen_base(
     base_path = resolve_path(cfg.model.base)
     dtypes = storage_dtypes(cfg, accelerator.mixed_precision, reduced)
     if report is not None:
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        names = {d: n for n, d in TORCH_DTYPES.items()}
         kinds = "/".join(sorted({names.get(d, str(d)) for d in dtypes.values()}))
         report.log(f"loading {base_path.name} in {kinds} onto {accelerator.device.type}")
     with report.timed("loading") if report is not None else contextlib.nullcontext():

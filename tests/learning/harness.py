@@ -74,6 +74,16 @@ def base_score(prompts: list[EvalPrompt], seed: int, images_per_prompt: int = 1)
     return _BASE_SCORES[key]
 
 
+def diffusers_applied(lora_file: Path, prompts: list[EvalPrompt], seed: int = 1000, images_per_prompt: int = 1):
+    """The score of the built-in model with ``lora_file`` applied by diffusers' own ``load_lora_weights`` (its kohya
+    converter and peft layers; nothing of sdtune's reader), sampled and scored as :func:`learn` does."""
+    from sdtune.inference.generate import make_pipeline
+
+    model = load_model("builtin")
+    make_pipeline(model).load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    return score_prompts(model, prompts, BUILTIN_EVAL, seed=seed, images_per_prompt=images_per_prompt)
+
+
 def learn(
     config: dict[str, Any],
     concept_prompts: list[EvalPrompt],

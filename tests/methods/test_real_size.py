@@ -23,7 +23,8 @@ def sd15_file(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("sd15") / "sd15-random.safetensors"
     save_model(build_real_size("sd1"), path, dtype=torch.float16)
-    return path
+    yield path
+    path.unlink(missing_ok=True)  # 2.1 GB: not left for pytest's retention of earlier runs' temporary folders
 
 
 @pytest.mark.slow

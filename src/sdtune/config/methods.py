@@ -130,6 +130,49 @@ class DreamBoothData(StrictModel):
     """Folder of class images (yours, or generated ones as PNG + .txt). Empty = `<output_dir>/<name>/class_images`."""
 
 
+class PreservationConfig(StrictModel):
+    """Prior-prediction regularisation: on regularisation samples the trained model must predict what the frozen
+    base model predicts (its adapters switched off, or a frozen copy of the weights), so what it drew before is
+    kept. Regularisation images (`images`, or rendered once by the base model from `prompts`) with their
+    captions; and/or the trigger-free variant (`trigger`): each training image with the trigger word removed from
+    its caption. Each extra sample costs a training sample plus one no-grad forward pass of the base model."""
+
+    images: str | None = Field(None, examples=["reg-images/shapes"])
+    """Folder of regularisation images, each captioned by its `.txt` sidecar (or the prompt it was rendered
+    from). With `prompts`, also where the rendered ones are kept. Empty = `<output_dir>/<name>/preservation_images`."""
+    prompts: list[str] | None = Field(None, examples=[["a red circle on a blue background"]])
+    """Prompts the base model renders regularisation images of (in turn, image i with seed i, preview sampler)
+    until the folder holds `num_images`; reused by later runs."""
+    num_images: int = Field(40, ge=1, le=100_000, examples=[40])
+    """Regularisation images to train with (the first by name)."""
+    weight: float = Field(1.0, ge=0.0, examples=[1.0])
+    """Loss = training loss + weight x regularisation loss (the mean over regularisation samples)."""
+    ratio: float = Field(1.0, gt=0.0, le=8.0, examples=[0.5])
+    """Regularisation samples per training sample in every batch (rounded up; 0.5 with batch 4 = 2)."""
+    trigger: str | None = Field(None, examples=["sks"])
+    """The trigger-free variant (ai-toolkit's Differential Output Preservation): each training sample is repeated
+    with this word removed from its prompt, and must then predict what the base model predicts."""
+    trigger_weight: float = Field(1.0, ge=0.0, examples=[1.0])
+    """Loss weight of the trigger-free samples (as `weight`)."""
+
+    @model_validator(mode="after")
+    def _something(self) -> PreservationConfig:
+        if self.trigger is None and not self.images and not self.prompts:
+            raise ValueError(
+                "preservation: give images (a folder of regularisation images), prompts (the base model renders "
+                "them) or trigger (the trigger-free variant); or remove the preservation block"
+            )
+        if self.trigger is not None and (not self.trigger.strip() or "," in self.trigger):
+            raise ValueError(f"preservation.trigger: a word or phrase without commas (got {self.trigger!r}); e.g. sks")
+        if self.prompts is not None and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("preservation.prompts: empty; give at least one prompt or remove prompts")
+        return self
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images or self.prompts)
+
+
 _BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
 DEFAULT_BLOCK_SIZE = {"oft": 8, "boft": 16}  # block_size when empty (LoraConfig.block_size says why)
 
@@ -197,6 +240,8 @@ class LoraConfig(WeightAverageFields, RunBase):
     """Train the pivotal token for this fraction of max_steps, then freeze it (the adapters go on)."""
     dreambooth: DreamBoothData | None = None
     """LoRA-DreamBooth: also train on class images with prior preservation (see the block's fields). Empty = off."""
+    preservation: PreservationConfig | None = None
+    """Prior-prediction regularisation against the base model (see the block's fields). Empty = off."""
     fp8_base: bool = False
     """Hold the frozen UNet's linear layers (attention, feed-forward, projections) in float8 with one scale per
     row, computed in the run's bf16/fp16 (kohya's `--fp8_base`; torchao's weight-only float8, `pip install
@@ -458,6 +503,8 @@ class DreamBoothConfig(RunBase):
     caption (then the captions must contain instance_token, and the data.* caption options apply to them)."""
     prior_preservation: bool = True
     """Train on class images of class_prompt too (Ruiz et al. 2023), so the class keeps its meaning."""
+    preservation: PreservationConfig | None = None
+    """Prior-prediction regularisation against a frozen copy of the base model (see the block's fields)."""
     class_prompt: str | None = Field(None, examples=["a heart"])
     """What the subject is an instance of, without instance_token (e.g. `a dog` for `a sks dog`)."""
     prior_loss_weight: float = Field(1.0, ge=0.0, examples=[1.0])
@@ -532,6 +579,8 @@ class FinetuneConfig(WeightAverageFields, RunBase):
     """What the output holds: `full` = the whole model (diffusers pipeline folder + A1111/ComfyUI checkpoint);
     `trained` = only the trained components (diffusers sub-folders such as `unet/`, and a file with only their keys
     in the checkpoint layout, e.g. a UNet for ComfyUI's diffusion-model loader)."""
+    preservation: PreservationConfig | None = None
+    """Prior-prediction regularisation against a frozen copy of the base model (see the block's fields)."""
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5))
     save: SaveConfig = Field(default_factory=lambda: SaveConfig(dtype="fp16"))
 

@@ -18,6 +18,7 @@ Recipe (Ruiz et al. 2023, arXiv 2208.12242; diffusers' ``examples/dreambooth/tra
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from sdtune.data import CaptionOptions, process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.generate import generate
 from sdtune.inference.previews import class_image_settings, eval_mode, preview_settings, render_previews
+from sdtune.methods.regularisation import frozen_copy_preservation
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.full_weights import export_model, load_weights_state, trained_modules, unfreeze, weights_state
 from sdtune.train.loop import sample_rng
@@ -96,9 +98,13 @@ class DreamBoothJob:
 
         # 4. what trains: the UNet, and the text encoder(s) on request; the VAE stays frozen
         self.trained = trained_modules(self.model, unet=True, text_encoders=cfg.train_text_encoder)
-        unfreeze(self.trained, cfg.train.gradient_checkpointing)
         fixed = not (self.uses_captions and (d.shuffle_tags or d.tag_dropout or d.caption_dropout))
         self.text_cache = text_cache(self.model, d) if fixed and not cfg.train_text_encoder else None
+        # regularisation against the base model's prediction: frozen copies of what trains, taken now
+        self.preservation = None
+        if cfg.preservation:
+            self.preservation = frozen_copy_preservation(self, accelerator, list(self.trained))
+        unfreeze(self.trained, cfg.train.gradient_checkpointing)
 
     def _render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return generate(self.model, prompts, seeds, class_image_settings(self.cfg.preview, self.resolution))
@@ -135,10 +141,16 @@ class DreamBoothJob:
         batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
         latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        if self.prior and data is self.data:  # training: one class sample per instance sample, from its own generator
+        training = data is self.data
+        own = (latents, prompts, list(generators))  # the instance samples themselves, before their class samples
+        snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
+        if self.prior and training:  # training: one class sample per instance sample, from its own generator
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
-        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        return recipe_loss(self, latents, cond, generators, weights=weights, mask=mask, timesteps=timesteps)
+        encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
+        loss = recipe_loss(self, latents, encode(prompts), generators, weights=weights, mask=mask, timesteps=timesteps)
+        if self.preservation and training:  # against the frozen copy's prediction
+            loss = loss + self.preservation.loss(partial(recipe_loss, self), encode, *own, snapshot)
+        return loss
 
     def after_step(self, step: int) -> None:
         pass  # nothing step-dependent: the chosen components train throughout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import resource
 import sys
 import time
@@ -128,6 +129,10 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
         if name == "unet" and getattr(cfg, "fp8_base", False):  # linear weights: 1 byte + an fp32 scale per row
             linears = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
             frozen[name] -= sum(w.numel() * (size - 1) - 4 * w.shape[0] for w in linears)
+    preservation = getattr(cfg, "preservation", None)
+    if full and preservation is not None:  # a frozen copy of what trains, in the compute precision
+        size = torch.empty((), dtype=compute).element_size()
+        frozen["base copy"] = sum(p.numel() for n in trained if n in modules for p in modules[n].parameters()) * size
     trainables = _trainable_parameters(cfg, modules, trained, family)
     n_train = sum(p.numel() for p in trainables)
     trainable_bytes = 4 * n_train
@@ -145,7 +150,11 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
     )
     plain, checkpointed, flops = _unet_pass(modules["unet"], configs, batch, resolution, compute, through_text)
     saved, saved_other = (checkpointed, plain) if checkpointing else (plain, checkpointed)
-    activations, activations_other = int(ACTIVATION_FACTOR * saved), int(ACTIVATION_FACTOR * saved_other)
+    # regularisation samples train beside the batch (one backward for all) and the base predicts them once
+    extra = _preservation_samples(preservation, batch)
+    grow = (batch + extra) / batch
+    activations = int(ACTIVATION_FACTOR * saved * grow)
+    activations_other = int(ACTIVATION_FACTOR * saved_other * grow)
 
     vae_dtype = torch.empty((), dtype=dtypes["vae"]).element_size()
     encode_images = encode_batch_size(resolution, resolution)
@@ -172,7 +181,7 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
 
     # forward, backward to the inputs, backward to the weights (when they train), recomputation (checkpointing)
     passes = 2.0 + (1.0 if full else 0.0) + (RECOMPUTE_PASSES if checkpointing else 0.0)
-    step_flops = passes * flops * cfg.train.grad_accum
+    step_flops = (passes * flops * grow + flops * extra / batch) * cfg.train.grad_accum
     efficiency = STEP_EFFICIENCY.get((device, compute), DEFAULT_EFFICIENCY)
     seconds = step_flops / (_matmul_rate(device, compute) * efficiency)
     seconds += n_train * UPDATE_BYTES_PER_PARAMETER / (_copy_rate(device) * UPDATE_EFFICIENCY)
@@ -203,6 +212,14 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
     )
     result.suggestions = suggestions(cfg, result)
     return result
+
+
+def _preservation_samples(preservation: Any, batch: int) -> int:
+    """Regularisation samples a step adds to a batch of ``batch`` (trigger-free ones counted for every sample)."""
+    if preservation is None:
+        return 0
+    reg = math.ceil(preservation.ratio * batch) if preservation.has_images and preservation.weight > 0 else 0
+    return reg + (batch if preservation.trigger is not None and preservation.trigger_weight > 0 else 0)
 
 
 def _trained_components(cfg: RunBase) -> set[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from sdtune.core.dtypes import torch_dtype
 from sdtune.data import process_caption
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.inference.previews import eval_mode, preview_prompts, preview_settings, render_previews
+from sdtune.methods.regularisation import frozen_copy_preservation
 from sdtune.models.text_encoding import encode_prompts
 from sdtune.train.ema import WeightAverage
 from sdtune.train.full_weights import (
@@ -72,6 +74,10 @@ class FinetuneJob:
 
         # 3. what trains: the chosen components, whole; the VAE stays frozen
         self.trained = trained_modules(self.model, unet=cfg.train_unet, text_encoders=cfg.train_text_encoder)
+        # regularisation against the base model's prediction: frozen copies of what trains, taken now
+        self.preservation = None
+        if cfg.preservation:
+            self.preservation = frozen_copy_preservation(self, accelerator, list(self.trained))
         unfreeze(self.trained, cfg.train.gradient_checkpointing)
 
         # 4. the EMA of the trained weights (what previews show and export writes)
@@ -113,8 +119,16 @@ class FinetuneJob:
         batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
         latents = batch.latents.to(self.model.unet.device)
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        return recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
+        training = data is self.data
+        snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
+        encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
+        cond = encode(prompts)
+        loss = recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
+        if self.preservation and training:  # against the frozen copy's prediction
+            loss = loss + self.preservation.loss(
+                partial(recipe_loss, self), encode, latents, prompts, generators, snapshot
+            )
+        return loss
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -27,6 +27,7 @@ import contextlib
 import json
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ from sdtune.inference.previews import (
     preview_settings,
     render_previews,
 )
+from sdtune.methods.regularisation import adapter_preservation
 from sdtune.models.family import ModelFamily
 from sdtune.models.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from sdtune.models.text_encoding import encode_prompts
@@ -226,6 +228,8 @@ class LoraJob:
         frozen_text = not cfg.train_text_encoder and cfg.token is None
         self.text_cache = text_cache(self.model, cfg.data) if fixed and frozen_text else None
         self.prior = self._prior(accelerator) if cfg.dreambooth else None  # class images from the base model
+        # regularisation against the base model's prediction (its own adapters switched off)
+        self.preservation = adapter_preservation(self, accelerator) if cfg.preservation else None
 
         # 3a. pivotal tuning: a new word's rows, trained with their own rate, frozen after a fraction of the steps
         self.tables = []
@@ -361,10 +365,16 @@ class LoraJob:
         batch = data.batch(indices, generators)  # (and per-sample weights of reg images, data.reg_weight)
         latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        if self.prior and data is self.data:  # LoRA-DreamBooth (training only): a class sample per sample
+        training = data is self.data
+        own = (latents, prompts, list(generators))  # the training samples themselves, before any class samples
+        snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
+        if self.prior and training:  # LoRA-DreamBooth (training only): a class sample per sample
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
-        cond = self.text_cache(prompts) if self.text_cache else encode_prompts(self.model, prompts)
-        return recipe_loss(self, latents, cond, generators, mask=mask, timesteps=timesteps, weights=weights)
+        encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
+        loss = recipe_loss(self, latents, encode(prompts), generators, mask=mask, timesteps=timesteps, weights=weights)
+        if self.preservation and training:  # against the base model's prediction (adapters off)
+            loss = loss + self.preservation.loss(partial(recipe_loss, self), encode, *own, snapshot)
+        return loss
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -42,6 +42,7 @@ def denoising_loss(
     weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
+    target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean (optionally Min-SNR-, debiased-, per-sample- and per-pixel-weighted) MSE of the UNet's prediction against
     its target.
@@ -56,7 +57,9 @@ def denoising_loss(
     normalised per sample so an all-ones mask equals no mask. ``timesteps`` (``[B]``) replaces the random draw: the
     validation loss, which measures the plain denoising error, so multi-resolution noise and input perturbation are
     left out (offset noise and the loss weights stay). SDXL's size conditioning is the latents' size in pixels (a
-    bucket's size with ``data.buckets``).
+    bucket's size with ``data.buckets``). ``target_fn(noisy, timesteps)`` replaces the target (noise or velocity)
+    with another model's prediction on the same input, e.g. the frozen base model's
+    (:mod:`sdtune.train.preservation`).
     """
     device, dtype = latents.device, model.unet.dtype
     training = timesteps is None
@@ -83,7 +86,12 @@ def denoising_loss(
         factors.append(weights.to(device))
     loss_weights = math.prod(factors[1:], start=factors[0]) if factors else None
     mask = mask.to(device) if mask is not None else None
-    return diffusion_loss(prediction, target(scheduler, latents, noise, timesteps), loss_weights, mask)
+    if target_fn is None:
+        wanted = target(scheduler, latents, noise, timesteps)
+    else:
+        with torch.no_grad():
+            wanted = target_fn(noisy.to(dtype), timesteps)
+    return diffusion_loss(prediction, wanted, loss_weights, mask)
 
 
 def validation_timesteps(num_train_timesteps: int, count: int) -> list[int]:

@@ -94,6 +94,7 @@ def parkable(job) -> dict[str, torch.nn.Module]:
     sets = [getattr(job, "data", None), getattr(job, "validation", None)]
     prior = getattr(job, "prior", None)
     sets.append(getattr(prior, "images", None))
+    sets.append(getattr(getattr(job, "preservation", None), "images", None))
     if all(s is None or not s.encodes_per_step for s in sets) and frozen(model.vae):
         out["vae"] = model.vae
     return out
@@ -122,4 +123,6 @@ def _every_prompt(job) -> list[str]:
             prompts += [job.prompt(i, rng, data.captions) for i in range(len(data.captions))]
     if (prior := getattr(job, "prior", None)) is not None:
         prompts.append(prior.prompt)
+    if (preservation := getattr(job, "preservation", None)) is not None:  # regularisation and trigger-free prompts
+        prompts += preservation.prompts(prompts)
     return prompts

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the harness the learning tests use
 sys.path.insert(0, str(ROOT))
 
-from tests.learning.harness import learn  # noqa: E402
+from tests.learning.harness import leak_prompts, learn  # noqa: E402
 
 from sdtune.world import base_prompts, eval_prompts, write_concept_dataset  # noqa: E402
 
@@ -42,7 +42,10 @@ def _pp(**fields) -> dict[str, Any]:
     return {"preservation": {"prompts": REG_PROMPTS, "num_images": 40, **fields}}
 
 
-LORA, FT = "builtin_lora_star.yaml", "builtin_ft_star.yaml"
+LORA, FT, DB = "builtin_lora_star.yaml", "builtin_ft_star.yaml", "builtin_db_teal-heart.yaml"
+# DreamBooth's regularisation: the prompts above and hearts asked in a colour (the leak prompts name none)
+_PAIRS = "red/blue blue/yellow green/white yellow/purple purple/green white/red orange/black gray/orange black/white"
+HEARTS = [f"a {fg} heart on a {bg} background" for fg, bg in (pair.split("/") for pair in _PAIRS.split())]
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": (LORA, {}),
     "lora-pp-w1-r0.5": (LORA, _pp(weight=1.0, ratio=0.5)),
@@ -52,6 +55,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-pp-w1-r0.5-2000": (LORA, _pp(weight=1.0, ratio=0.5) | {"train": {"max_steps": 2000, "min_snr_gamma": 5.0}}),
     "lora-pp-w3-r1": (LORA, _pp(weight=3.0, ratio=1.0)),
     "lora-dop": (LORA, {"preservation": {"trigger": "star", "trigger_weight": 1.0}}),
+    # the options of issue 18, one at a time on the shipped LoRA config (train fields merged into its train block)
+    "lora-multires6": (LORA, {"train": {"multires_noise_iterations": 6, "multires_noise_discount": 0.3}}),
+    "lora-debiased": (LORA, {"train": {"debiased_estimation": True}}),
+    "lora-ip0.1": (LORA, {"train": {"input_perturbation": 0.1}}),
+    "lora-shift2": (LORA, {"train": {"timestep_shift": 2.0}}),
+    "lora-lion": (LORA, {"optimizer": {"name": "lion", "lr": 3e-5}}),
+    "lora-came": (LORA, {"optimizer": {"name": "came", "lr": 3e-4}}),
+    "lora-schedulefree": (
+        LORA,
+        {"ema": False, "optimizer": {"name": "schedulefree_adamw", "lr": 3e-4}, "schedule": {"name": "constant"}},
+    ),
+    "lora-up-weighted": (LORA, {"down_lr_weight": "zeros+0.5", "up_lr_weight": "linear+0.5"}),
+    "oft": (
+        LORA,
+        {"adapter": "oft", "rank": None, "alpha": None, "block_size": 8, "optimizer": {"name": "adamw", "lr": 1e-3}},
+    ),
+    "db": (DB, {}),  # teal-heart DreamBooth: "sks heart" and the leak into "a heart on a <colour> background"
+    "db-noprior": (DB, {"prior_preservation": False}),
+    "db-pp": (DB, {"prior_preservation": False, "preservation": {"prompts": REG_PROMPTS + HEARTS, "num_images": 50}}),
+    "db-prior-pp": (DB, {"preservation": {"prompts": REG_PROMPTS + HEARTS, "num_images": 50}}),
     "ft": (FT, {}),
     "ft-pp-w1-r0.5": (FT, _pp(weight=1.0, ratio=0.5)),
     "ft-pp-w1-r1": (FT, _pp(weight=1.0, ratio=1.0)),
@@ -65,8 +88,10 @@ def config_of(variant: str, out: Path, data: Path) -> dict[str, Any]:
     name, change = VARIANTS[variant]
     cfg = shipped(name)
     for key, value in copy.deepcopy(change).items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key != "preservation":
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key not in ("preservation", "schedule"):
             cfg[key] = cfg[key] | value
+        elif value is None:
+            cfg.pop(key, None)
         else:
             cfg[key] = value
     cfg["name"] = variant
@@ -75,7 +100,8 @@ def config_of(variant: str, out: Path, data: Path) -> dict[str, Any]:
     cfg["preview"] = {"before_training": False, "every_n_steps": 0, "cfg_scale": 5.0}
     cfg.setdefault("save", {})["dtype"] = "fp32"
     if "preservation" in cfg and "prompts" in cfg["preservation"]:
-        cfg["preservation"]["images"] = str(out / "reg-images")  # rendered once, shared by the runs
+        prompts = cfg["preservation"]["prompts"]  # rendered once per prompt list, shared by the runs
+        cfg["preservation"]["images"] = str(out / ("reg-images" if prompts == REG_PROMPTS else "reg-images-db"))
     return cfg
 
 
@@ -94,14 +120,27 @@ def main() -> None:
     data = args.out / "star"
     if not data.exists():
         write_concept_dataset("star", data, n=20)
+    hearts = args.out / "heart"
+    if not hearts.exists():
+        write_concept_dataset("teal_heart", hearts, n=20, token="sks heart")
     for variant in args.variants:
-        cfg = config_of(variant, args.out, data)
+        dreambooth = VARIANTS[variant][0] == DB
+        cfg = config_of(variant, args.out, hearts if dreambooth else data)
         cfg.setdefault("train", {})["seed"] = args.seed
         tic = time.time()
-        result = learn(cfg, eval_prompts("star"))
+        try:
+            if dreambooth:  # "base" is then the leak: the class asked in plain words drawn as the subject
+                subject = eval_prompts("teal_heart", token="sks heart")
+                result = learn(cfg, subject, drift_prompts=leak_prompts("heart", "teal"), drift_images=2)
+            else:
+                result = learn(cfg, eval_prompts("star"))
+        except Exception as exc:  # one bad variant must not end the study
+            print(json.dumps({"variant": variant, "error": str(exc)}), flush=True)
+            continue
         row = {
             "variant": variant,
             "seed": args.seed,
+            "concept": "teal_heart" if dreambooth else "star",
             "star": result.concept_after.full,
             "star_before": result.concept_before.full,
             "base": result.base_after.full,

@@ -122,3 +122,22 @@ def test_fused_backward_holds_one_gradient_instead_of_all(tmp_path, tiny_checkpo
     fused = estimate(_full_config(tmp_path, base, image_folder, "finetune", fused_backward=True), "cpu")
     assert plain.gradient_bytes == plain.trainable_bytes
     assert 0 < fused.gradient_bytes < plain.gradient_bytes  # the largest tensor's (here the token table)
+
+
+def test_schedule_free_counts_the_host_copy_of_the_trained_weights_while_previews_run(
+    tmp_path, tiny_checkpoint, image_folder
+):
+    """Schedule-free AdamW previews and exports at its averaged weights while a host copy keeps the trained ones
+    (``train.optim.eval_weights``): 4 bytes per trained parameter on top of the export's peak. With the fused
+    backward pass the two estimates' output-writing phase differs by exactly that, and the peak is the largest phase."""
+    base = tiny_checkpoint("sd1")
+    peaks = {}
+    for name in ("adamw", "schedulefree_adamw"):
+        cfg = case_config(tmp_path, base, image_folder, "finetune", name=name, fused_backward=True)
+        cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"name": name})})
+        peaks[name] = estimate(cfg, device="cpu", precision="no")
+    n = peaks["adamw"].trainable_parameters
+    outputs = {k: e.phase_bytes["writing outputs"] for k, e in peaks.items()}
+    assert outputs["schedulefree_adamw"] - outputs["adamw"] == 4 * n
+    for e in peaks.values():
+        assert e.peak_host_bytes == e.runtime_host_bytes + max(e.phase_bytes.values())

@@ -44,6 +44,7 @@ from sdtune.data.latents import encode_batch_size
 from sdtune.models.components import build_modules
 from sdtune.models.family import ModelFamily
 from sdtune.models.loading import model_configs
+from sdtune.train.optim import SCHEDULE_FREE
 from sdtune.train.precision import cpu_has_bf16, resolve_precision
 from sdtune.train.recipe import storage_dtypes
 
@@ -100,6 +101,7 @@ class Estimate:
     peak_device_bytes: int
     peak_host_bytes: int
     suggestions: list[str]
+    phase_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # on the device, per phase of a run
     measured: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,16 +170,20 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
     kept = trainable_bytes + optimizer_bytes + ema_bytes
     save_size = {"fp32": 4}.get(getattr(cfg.save, "dtype", "fp16"), 2)
     export_bytes = n_train * save_size if full else 0
-    on_device = max(
-        weights + kept + gradient_bytes + activations,  # a training step
-        weights + encode_bytes,  # caching latents
-        weights + kept + export_bytes,  # writing the outputs
-    )
+    # schedule-free AdamW: previews and exports run at its averaged weights while a host copy keeps the trained ones
+    eval_copy = 4 * n_train if cfg.optimizer.name in SCHEDULE_FREE else 0
+    phases = {
+        "training step": weights + kept + gradient_bytes + activations,
+        "caching latents": weights + encode_bytes,
+        "writing outputs": weights + kept + export_bytes + (eval_copy if device == "cpu" else 0),
+    }
+    on_device = max(phases.values())
     if device == "cpu":
         peak_host, peak_device = RUNTIME_HOST_BYTES + on_device, RUNTIME_HOST_BYTES + on_device
     else:
         peak_device = on_device
-        peak_host = RUNTIME_HOST_BYTES + weights  # the weights pass through host memory while loading
+        # the weights pass through host memory while loading; the schedule-free copy lives there during previews
+        peak_host = RUNTIME_HOST_BYTES + max(weights, eval_copy)
 
     # forward, backward to the inputs, backward to the weights (when they train), recomputation (checkpointing)
     passes = 2.0 + (1.0 if full else 0.0) + (RECOMPUTE_PASSES if checkpointing else 0.0)
@@ -209,6 +215,7 @@ def estimate(cfg: RunBase, device: str | None = None, precision: str | None = No
         peak_device_bytes=int(peak_device),
         peak_host_bytes=int(peak_host),
         suggestions=[],
+        phase_bytes={k: int(v) for k, v in phases.items()},
     )
     result.suggestions = suggestions(cfg, result)
     return result

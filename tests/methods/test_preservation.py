@@ -129,7 +129,7 @@ def test_the_term_is_zero_on_the_base_and_the_loss_against_the_base_prediction_o
             return base_unet(noisy, t, base_cond.context).sample
 
         by_hand = 2.0 * float(recipe_loss(job, latents, cond, reg_gens, target_fn=base_target))
-    assert extra == pytest.approx(by_hand, rel=1e-4)
+    assert extra == pytest.approx(by_hand, rel=1e-3)  # one pass vs two: float rounding of the difference
 
 
 def _moved_like(plain, job):
@@ -205,11 +205,13 @@ def test_trigger_free_samples_replay_their_training_samples_noise(tmp_path, tiny
             job.loss([0, 3], _gens(2))
     finally:
         recipe.denoising_loss = saved
-    (train_latents, train_draws, _), (free_latents, free_draws, kw) = recorded
-    assert kw["target_fn"] is not None and len(seen) == 1
-    assert free_latents.shape[0] == 1  # the sample without the trigger gets no trigger-free twin
-    torch.testing.assert_close(free_latents, train_latents[:1], atol=0, rtol=0)
-    assert free_draws == train_draws[:1]  # the same generator state: the same noise and timestep
+    ((latents, draws, kw),) = recorded  # one pass: the 2 training samples, then the trigger-free twin of the first
+    assert latents.shape[0] == 3 and kw["target_rows"].tolist() == [2]  # "no trigger here" gets no twin
+    assert len(seen) == 1 and seen[0][0].shape[0] == 1  # the base model predicts the twin only
+    torch.testing.assert_close(latents[2], latents[0], atol=0, rtol=0)
+    assert draws[2] == draws[0]  # the same generator state: the same noise and timestep
+    # mean over 3 of w_i l_i = mean(training losses) + trigger_weight (3) x the twin's loss
+    assert kw["weights"].tolist() == [1.5, 1.5, 9.0]
 
 
 def test_the_frozen_copy_stays_the_base_while_the_model_trains(tmp_path, tiny_checkpoint, image_folder):

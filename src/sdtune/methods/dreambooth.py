@@ -141,16 +141,17 @@ class DreamBoothJob:
         batch = data.batch(indices, generators)  # latents, per-pixel (masks) and per-sample (reg images) weights
         latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        training = data is self.data
-        own = (latents, prompts, list(generators))  # the instance samples themselves, before their class samples
+        training, instances = data is self.data, len(indices)
         snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
         if self.prior and training:  # training: one class sample per instance sample, from its own generator
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
         encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
-        loss = recipe_loss(self, latents, encode(prompts), generators, weights=weights, mask=mask, timesteps=timesteps)
-        if self.preservation and training:  # against the frozen copy's prediction
-            loss = loss + self.preservation.loss(partial(recipe_loss, self), encode, *own, snapshot)
-        return loss
+        if self.preservation and training:  # regularisation samples against the frozen copy's prediction
+            return self.preservation.loss(
+                partial(recipe_loss, self), encode, latents, prompts, generators,
+                instances=instances, snapshot=snapshot, weights=weights, mask=mask,
+            )  # fmt: skip
+        return recipe_loss(self, latents, encode(prompts), generators, weights=weights, mask=mask, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         pass  # nothing step-dependent: the chosen components train throughout

@@ -122,13 +122,13 @@ class FinetuneJob:
         training = data is self.data
         snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
         encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
+        if self.preservation and training:  # regularisation samples against the frozen copy's prediction
+            return self.preservation.loss(
+                partial(recipe_loss, self), encode, latents, prompts, generators,
+                instances=len(indices), snapshot=snapshot, weights=batch.weights, mask=batch.mask,
+            )  # fmt: skip
         cond = encode(prompts)
-        loss = recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
-        if self.preservation and training:  # against the frozen copy's prediction
-            loss = loss + self.preservation.loss(
-                partial(recipe_loss, self), encode, latents, prompts, generators, snapshot
-            )
-        return loss
+        return recipe_loss(self, latents, cond, generators, mask=batch.mask, weights=batch.weights, timesteps=timesteps)
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -365,16 +365,17 @@ class LoraJob:
         batch = data.batch(indices, generators)  # (and per-sample weights of reg images, data.reg_weight)
         latents, mask, weights = batch.latents.to(self.model.unet.device), batch.mask, batch.weights
         prompts = [self.prompt(i, sample_rng(g), data.captions) for i, g in zip(indices, generators, strict=True)]
-        training = data is self.data
-        own = (latents, prompts, list(generators))  # the training samples themselves, before any class samples
+        training, instances = data is self.data, len(indices)
         snapshot = self.preservation.snapshot(generators) if self.preservation and training else []
         if self.prior and training:  # LoRA-DreamBooth (training only): a class sample per sample
             latents, prompts, generators, weights, mask = self.prior.extend(latents, prompts, generators, mask, weights)
         encode = self.text_cache if self.text_cache is not None else partial(encode_prompts, self.model)
-        loss = recipe_loss(self, latents, encode(prompts), generators, mask=mask, timesteps=timesteps, weights=weights)
-        if self.preservation and training:  # against the base model's prediction (adapters off)
-            loss = loss + self.preservation.loss(partial(recipe_loss, self), encode, *own, snapshot)
-        return loss
+        if self.preservation and training:  # regularisation samples against the base's prediction (adapters off)
+            return self.preservation.loss(
+                partial(recipe_loss, self), encode, latents, prompts, generators,
+                instances=instances, snapshot=snapshot, weights=weights, mask=mask,
+            )  # fmt: skip
+        return recipe_loss(self, latents, encode(prompts), generators, mask=mask, timesteps=timesteps, weights=weights)
 
     def after_step(self, step: int) -> None:
         if self.ema:  # once per optimizer step (a resumed run's first call repeats a step already averaged)

@@ -43,6 +43,7 @@ def denoising_loss(
     mask: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    target_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (optionally Min-SNR-, debiased-, per-sample- and per-pixel-weighted) MSE of the UNet's prediction against
     its target.
@@ -58,8 +59,8 @@ def denoising_loss(
     validation loss, which measures the plain denoising error, so multi-resolution noise and input perturbation are
     left out (offset noise and the loss weights stay). SDXL's size conditioning is the latents' size in pixels (a
     bucket's size with ``data.buckets``). ``target_fn(noisy, timesteps)`` replaces the target (noise or velocity)
-    with another model's prediction on the same input, e.g. the frozen base model's
-    (:mod:`sdtune.train.preservation`).
+    of the samples ``target_rows`` (default: all) with another model's prediction on the same input, e.g. the frozen
+    base model's (:mod:`sdtune.train.preservation`).
     """
     device, dtype = latents.device, model.unet.dtype
     training = timesteps is None
@@ -86,11 +87,12 @@ def denoising_loss(
         factors.append(weights.to(device))
     loss_weights = math.prod(factors[1:], start=factors[0]) if factors else None
     mask = mask.to(device) if mask is not None else None
-    if target_fn is None:
-        wanted = target(scheduler, latents, noise, timesteps)
-    else:
+    wanted = target(scheduler, latents, noise, timesteps)
+    if target_fn is not None:
+        rows = torch.arange(len(latents)) if target_rows is None else target_rows
         with torch.no_grad():
-            wanted = target_fn(noisy.to(dtype), timesteps)
+            other = target_fn(noisy[rows].to(dtype), timesteps[rows])
+        wanted = wanted.index_copy(0, rows.to(wanted.device), other.to(wanted.dtype))
     return diffusion_loss(prediction, wanted, loss_weights, mask)
 
 

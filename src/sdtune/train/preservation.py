@@ -305,26 +305,55 @@ class Preservation:
         latents: torch.Tensor,
         prompts: Sequence[str],
         generators: Sequence[torch.Generator],
+        *,
+        instances: int,
         snapshot: Sequence[torch.Generator],
+        weights: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The weighted regularisation terms of one batch of training samples (``latents``, ``prompts``, their
-        ``generators`` and the :meth:`snapshot` taken before their loss). ``loss_fn(latents, cond, generators,
-        target_fn=...)`` is the run's denoising loss; ``encode`` the trained model's conditioning."""
-        total = latents.new_zeros((), dtype=torch.float32)
+        """The run's loss on a training batch with the regularisation samples joined to it.
+
+        ``latents``, ``prompts``, ``generators``, ``weights`` and ``mask`` are the batch as the method would train it
+        (its first ``instances`` samples the training samples, e.g. DreamBooth class samples after them);
+        ``snapshot`` is :meth:`snapshot` taken before anything drew from their generators' noise. ``loss_fn(latents,
+        cond, generators, **kw)`` is the run's denoising loss, ``encode`` the trained model's conditioning. One pass
+        holds every sample of the same latent size: the batch's mean of weighted losses equals ``loss(batch) +
+        weight x mean(regularisation) + trigger_weight x mean(trigger-free)``; regularisation images of another size
+        (an aspect-ratio bucket) take a pass of their own."""
         cfg = self.cfg
+        joined: list[tuple[torch.Tensor, list[str], list[torch.Generator], float]] = []
+        separate: list[tuple[torch.Tensor, list[str], list[torch.Generator], float]] = []
         if self.images is not None and cfg.weight > 0:
-            count = math.ceil(cfg.ratio * len(generators))
-            reg_gens = [derived_generator(generators[j % len(generators)], j // len(generators)) for j in range(count)]
+            own = generators[:instances]
+            count = math.ceil(cfg.ratio * instances)
+            reg_gens = [derived_generator(own[j % instances], j // instances) for j in range(count)]
             rows = [int(torch.randint(len(self.images), (1,), generator=g)) for g in reg_gens]
-            reg_latents = self.images.latents(rows, reg_gens).to(latents)
-            reg_prompts = [self.images.captions[r] for r in rows]
-            target = self.base.target(self.base.encode(reg_prompts))
-            total = total + cfg.weight * loss_fn(reg_latents, encode(reg_prompts), reg_gens, target_fn=target)
+            reg = (self.images.latents(rows, reg_gens).to(latents), [self.images.captions[r] for r in rows])
+            same = reg[0].shape[1:] == latents.shape[1:]
+            (joined if same else separate).append((*reg, reg_gens, cfg.weight))
         if cfg.trigger is not None and cfg.trigger_weight > 0:
-            keep = [i for i, p in enumerate(prompts) if has_trigger(p, cfg.trigger)]
+            keep = [i for i in range(instances) if has_trigger(prompts[i], cfg.trigger)]
             if keep:
                 free = [remove_trigger(prompts[i], cfg.trigger) for i in keep]
-                target = self.base.target(self.base.encode(free))
-                gens = [snapshot[i] for i in keep]
-                total = total + cfg.trigger_weight * loss_fn(latents[keep], encode(free), gens, target_fn=target)
-        return total
+                joined.append((latents[keep], free, [snapshot[i] for i in keep], cfg.trigger_weight))
+        n0 = len(generators)
+        total = n0 + sum(len(g) for _, _, g, _ in joined)
+        own_weights = weights.cpu() if weights is not None else torch.ones(n0)
+        sample_weights = [own_weights * total / n0] + [torch.full((len(g),), w * total / len(g)) for *_, g, w in joined]
+        if mask is not None and joined:
+            ones = torch.ones(total - n0, *mask.shape[1:])
+            mask = torch.cat([mask.cpu(), ones])
+        base_prompts = [p for _, ps, _, _ in joined for p in ps]
+        loss = loss_fn(
+            torch.cat([latents, *(lat for lat, _, _, _ in joined)]),
+            encode([*prompts, *base_prompts]),
+            [*generators, *(g for _, _, gs, _ in joined for g in gs)],
+            weights=torch.cat(sample_weights) if joined or weights is not None else None,
+            mask=mask,
+            target_fn=self.base.target(self.base.encode(base_prompts)) if joined else None,
+            target_rows=torch.arange(n0, total) if joined else None,
+        )
+        for lat, ps, gs, w in separate:
+            target = self.base.target(self.base.encode(ps))
+            loss = loss + w * loss_fn(lat, encode(ps), gs, target_fn=target)
+        return loss

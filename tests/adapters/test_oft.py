@@ -155,3 +155,17 @@ def test_default_block_sizes_fit_every_layer_of_the_real_models(family: str) -> 
             check_blocks(module, targets, kind, block, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"its width 320 into a power-of-two number of blocks; sizes that do: 10, 20"):
         check_blocks(modules["unet"], list(UNET_TARGETS["all"]), "boft", 8, None)
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_a_model_with_orthogonal_layers_moves_and_casts_like_any_module(kind: str) -> None:
+    """``.to()`` / ``.double()`` walk every child through ``nn.Module._apply``: an adapter layer must not shadow it
+    (a method of that name once made every cast of an OFT model fail)."""
+    model = _model()
+    inject_orthogonal(model, orthogonal_config(kind, 4, ["0", "1"], constraint=0.05))
+    _randomise(model)
+    out = _run(model)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    model.float()
+    torch.testing.assert_close(_run(model), out, atol=1e-6, rtol=1e-6)

@@ -273,7 +273,7 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"unknown strength rule '{rule}'; use one of {', '.join(STRENGTH_RULES)}")
         self.oft_strength[adapter_name] = (float(strength), rule)
 
-    def _apply(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         strength, rule = self.oft_strength[adapter]
         rescale = self.oft_rescale[adapter] if adapter in self.oft_rescale else None
         return transform(x, self.oft_blocks[adapter], rescale, self.oft_limit[adapter], strength, rule)
@@ -285,7 +285,7 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
             if adapter not in self.oft_blocks:
                 continue
             weight = base.weight.data
-            merged = self._apply(adapter, weight.movedim(0, -1)).movedim(-1, 0).to(weight.dtype)
+            merged = self._rotate(adapter, weight.movedim(0, -1)).movedim(-1, 0).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs in the merged weights: adapter {adapter} seems to be broken")
             self._merged_weights[adapter] = weight.clone()
@@ -316,7 +316,7 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
             base = self.base_layer
             weight = base.weight
             for adapter in active:
-                weight = self._apply(adapter, weight.movedim(0, -1)).movedim(-1, 0)
+                weight = self._rotate(adapter, weight.movedim(0, -1)).movedim(-1, 0)
             if isinstance(base, nn.Conv2d):
                 return base._conv_forward(x, weight, base.bias)
             return nn.functional.linear(x, weight, base.bias)
@@ -326,7 +326,7 @@ class OrthogonalLayer(nn.Module, BaseTunerLayer):
         if bias is not None:  # OFT rotates W only: y = R^T (W x) + b
             y = y - bias
         for adapter in active:
-            y = self._apply(adapter, y)
+            y = self._rotate(adapter, y)
         if bias is not None:
             y = y + bias
         return y.movedim(-1, self._channel_axis())

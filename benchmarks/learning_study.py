@@ -48,11 +48,15 @@ _PAIRS = "red/blue blue/yellow green/white yellow/purple purple/green white/red 
 HEARTS = [f"a {fg} heart on a {bg} background" for fg, bg in (pair.split("/") for pair in _PAIRS.split())]
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": (LORA, {}),
+    # the issue's matched comparison with kohya sd-scripts: LoRA on kohya's default targets (attention,
+    # feed-forward, projections = attention_ff), rank 32, 3e-4 cosine, Min-SNR 5, batch 4, 1,500 steps, no EMA/flip
+    "matched": (LORA, {"adapter": "lora", "targets": "attention_ff", "ema": False, "data": {"flip": False}}),
     "lora-pp-w1-r0.5": (LORA, _pp(weight=1.0, ratio=0.5)),
     "lora-pp-w1-r1": (LORA, _pp(weight=1.0, ratio=1.0)),
     "lora-pp-w0.5-r0.5": (LORA, _pp(weight=0.5, ratio=0.5)),
     "lora-pp-w1-r0.5-lr6e-4": (LORA, _pp(weight=1.0, ratio=0.5) | {"optimizer": {"name": "adamw", "lr": 6e-4}}),
     "lora-pp-w1-r0.5-2000": (LORA, _pp(weight=1.0, ratio=0.5) | {"train": {"max_steps": 2000, "min_snr_gamma": 5.0}}),
+    "lora-pp-w1-r0.5-u0.25": (LORA, _pp(weight=1.0, ratio=0.5, unconditional=0.25)),
     "lora-pp-w3-r1": (LORA, _pp(weight=3.0, ratio=1.0)),
     "lora-dop": (LORA, {"preservation": {"trigger": "star", "trigger_weight": 1.0}}),
     # the options of issue 18, one at a time on the shipped LoRA config (train fields merged into its train block)
@@ -74,10 +78,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "db": (DB, {}),  # teal-heart DreamBooth: "sks heart" and the leak into "a heart on a <colour> background"
     "db-noprior": (DB, {"prior_preservation": False}),
     "db-pp": (DB, {"prior_preservation": False, "preservation": {"prompts": REG_PROMPTS + HEARTS, "num_images": 50}}),
+    "db-dop": (DB, {"prior_preservation": False, "preservation": {"trigger": "sks"}}),  # "a heart ..." = the base
     "db-prior-pp": (DB, {"preservation": {"prompts": REG_PROMPTS + HEARTS, "num_images": 50}}),
     "ft": (FT, {}),
     "ft-pp-w1-r0.5": (FT, _pp(weight=1.0, ratio=0.5)),
     "ft-pp-w1-r1": (FT, _pp(weight=1.0, ratio=1.0)),
+    "ft-pp-w1-r1-u0.25": (FT, _pp(weight=1.0, ratio=1.0, unconditional=0.25)),
+    "ft-pp-w3-r1-u0.25": (FT, _pp(weight=3.0, ratio=1.0, unconditional=0.25)),
     "ft-pp-w3-r1": (FT, _pp(weight=3.0, ratio=1.0)),
     "ft-pp-w3-r1-lr2e-4": (FT, _pp(weight=3.0, ratio=1.0) | {"optimizer": {"name": "adamw", "lr": 2e-4}}),
     "ft-pp-w1-r1-800": (FT, _pp(weight=1.0, ratio=1.0) | {"train": {"max_steps": 800}}),

@@ -338,3 +338,24 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_c
     resumed = load_file(stopped.checkpoints / "step-4" / "trainable.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(v, resumed[k]) for k, v in whole.items())  # bit-exact
+
+
+def test_unconditional_trains_that_fraction_of_regularisation_samples_on_the_empty_prompt(
+    tmp_path, tiny_checkpoint, image_folder
+):
+    reg = dict(REG, images=str(tmp_path / "reg"), ratio=8.0, unconditional=0.25)
+    job = _job(_config(tmp_path, tiny_checkpoint("sd1"), image_folder, "lora", reg))
+    assert "" in job.preservation.prompts([])  # cached before step 1 with the captions
+    asked = []
+    job.preservation.base.encode, encode = (
+        (lambda prompts: asked.append(list(prompts)) or encode(prompts)),
+        (job.preservation.base.encode),
+    )
+    with torch.no_grad():
+        for start in range(0, 40, 2):
+            job.loss([0, 1], _gens(2, start))
+    prompts = [p for batch in asked for p in batch]
+    assert len(prompts) == 20 * 16  # ceil(8 x 2) regularisation samples per batch
+    share = prompts.count("") / len(prompts)
+    assert 0.18 < share < 0.32, share
+    assert set(prompts) - {""} <= set(job.preservation.images.captions)

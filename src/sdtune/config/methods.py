@@ -149,6 +149,9 @@ class PreservationConfig(StrictModel):
     """Loss = training loss + weight x regularisation loss (the mean over regularisation samples)."""
     ratio: float = Field(1.0, gt=0.0, le=8.0, examples=[0.5])
     """Regularisation samples per training sample in every batch (rounded up; 0.5 with batch 4 = 2)."""
+    unconditional: float = Field(0.0, ge=0.0, le=1.0, examples=[0.25])
+    """Fraction of the regularisation samples trained with the empty prompt instead of their caption, so the
+    unconditional prediction (what classifier-free guidance subtracts, amplified by the CFG scale) is kept too."""
     trigger: str | None = Field(None, examples=["sks"])
     """The trigger-free variant (ai-toolkit's Differential Output Preservation): each training sample is repeated
     with this word removed from its prompt, and must then predict what the base model predicts."""

@@ -9,7 +9,8 @@ Differential Output Preservation are the same idea). Two kinds of regularisation
 - **regularisation images** (``preservation.images`` / ``prompts``): images with their captions, e.g. rendered once
   by the base model from prompts of what it should keep drawing (image i from ``prompts[i % n]`` with seed i,
   cached as ``reg-<i>.png`` + ``.txt``). ``ceil(ratio x batch)`` of them join every batch; on their noisy latents
-  the trained model must predict what the frozen base predicts for the same input and caption.
+  the trained model must predict what the frozen base predicts for the same input and caption (or, for the
+  fraction ``unconditional`` of them, the empty prompt: the unconditional prediction that guidance subtracts).
 - **trigger-free samples** (``preservation.trigger``, DOP): every training sample whose prompt holds the trigger
   word is repeated with the word removed, at the same latents, noise and timestep; without its trigger the
   concept must not show, so the prediction must equal the base model's.
@@ -289,6 +290,7 @@ class Preservation:
     def prompts(self, training_prompts: Sequence[str]) -> list[str]:
         """Every prompt the regularisation samples use (to fill a text cache before step 1)."""
         out = list(self.images.captions) if self.images is not None else []
+        out += [""] if self.images is not None and self.cfg.unconditional > 0 else []
         if self.cfg.trigger is not None:
             out += [remove_trigger(p, self.cfg.trigger) for p in training_prompts if has_trigger(p, self.cfg.trigger)]
         return out
@@ -328,7 +330,11 @@ class Preservation:
             count = math.ceil(cfg.ratio * instances)
             reg_gens = [derived_generator(own[j % instances], j // instances) for j in range(count)]
             rows = [int(torch.randint(len(self.images), (1,), generator=g)) for g in reg_gens]
-            reg = (self.images.latents(rows, reg_gens).to(latents), [self.images.captions[r] for r in rows])
+            reg_prompts = [self.images.captions[r] for r in rows]
+            if cfg.unconditional > 0:  # the empty prompt: the unconditional prediction guidance subtracts
+                empty = [float(torch.rand((), generator=g)) < cfg.unconditional for g in reg_gens]
+                reg_prompts = ["" if e else p for e, p in zip(empty, reg_prompts, strict=True)]
+            reg = (self.images.latents(rows, reg_gens).to(latents), reg_prompts)
             same = reg[0].shape[1:] == latents.shape[1:]
             (joined if same else separate).append((*reg, reg_gens, cfg.weight))
         if cfg.trigger is not None and cfg.trigger_weight > 0:

@@ -85,6 +85,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ft-pp-w1-r1": (FT, _pp(weight=1.0, ratio=1.0)),
     "ft-pp-w1-r1-u0.25": (FT, _pp(weight=1.0, ratio=1.0, unconditional=0.25)),
     "ft-pp-w3-r1-u0.25": (FT, _pp(weight=3.0, ratio=1.0, unconditional=0.25)),
+    "ft-pp-w3-r1-u0.5": (FT, _pp(weight=3.0, ratio=1.0, unconditional=0.5)),
+    "ft-pp-w3-r1-u0.25-800": (FT, _pp(weight=3.0, ratio=1.0, unconditional=0.25) | {"train": {"max_steps": 800}}),
+    "ft-pp-w3-r1-u0.25-lr2e-4": (
+        FT,
+        _pp(weight=3.0, ratio=1.0, unconditional=0.25) | {"optimizer": {"name": "adamw", "lr": 2e-4}},
+    ),
     "ft-pp-w3-r1": (FT, _pp(weight=3.0, ratio=1.0)),
     "ft-pp-w3-r1-lr2e-4": (FT, _pp(weight=3.0, ratio=1.0) | {"optimizer": {"name": "adamw", "lr": 2e-4}}),
     "ft-pp-w1-r1-800": (FT, _pp(weight=1.0, ratio=1.0) | {"train": {"max_steps": 800}}),

@@ -43,20 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
 
 from sdtune.config.blocks import DataConfig
 from sdtune.config.methods import PreservationConfig
-from sdtune.core.atomic import atomic_path, write_text
 from sdtune.core.errors import DataError
 from sdtune.data.dataset import ImageCaptionSet
 from sdtune.data.images import Skipped, list_candidates
 from sdtune.data.sources import Entry
 from sdtune.models.components import SDComponents, vae_scale_factor
 from sdtune.models.text_encoding import Conditioning, encode_prompts
-
-Render = Callable[[list[str], list[int]], list[Image.Image]]
-"""Images of ``prompts[i]`` from ``seeds[i]`` with the base model (the method binds the model and settings)."""
+from sdtune.train.prior import Render, render_images
 
 _REG_STREAM = 0x70726564  # salt that separates a regularisation sample's generator from its training sample's
 
@@ -94,14 +90,7 @@ def fill_reg_images(
     free = (i for i in itertools.count() if not reg_image_path(folder, i).exists())
     indices = list(itertools.islice(free, missing))
     log(f"rendering {missing} regularisation images of {len(prompts)} prompts into {folder} (reused by later runs)")
-    for start in range(0, len(indices), chunk):
-        part = indices[start : start + chunk]
-        asked = [prompts[i % len(prompts)] for i in part]
-        for index, prompt, image in zip(part, asked, render(asked, part), strict=True):
-            path = reg_image_path(folder, index)
-            write_text(path.with_suffix(".txt"), prompt + "\n")
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
+    render_images(indices, lambda i: prompts[i % len(prompts)], lambda i: reg_image_path(folder, i), render, chunk)
     return missing
 
 

@@ -82,15 +82,27 @@ def fill_class_images(
     free = (i for i in itertools.count() if not class_image_path(folder, i).exists())
     indices = list(itertools.islice(free, missing))
     log(f"generating {missing} class images of {prompt!r} into {folder} (reused by later runs)")
+    render_images(indices, lambda i: prompt, lambda i: class_image_path(folder, i), render, chunk)
+    return missing
+
+
+def render_images(
+    indices: Sequence[int],
+    prompt_of: Callable[[int], str],
+    path_of: Callable[[int], Path],
+    render: Render,
+    chunk: int = 4,
+) -> None:
+    """Render image i (seed i) from ``prompt_of(i)`` to ``path_of(i)`` for each of ``indices``, ``chunk`` at a
+    time; each is written atomically, its caption sidecar (the prompt) first, as soon as its chunk is rendered."""
     for start in range(0, len(indices), chunk):
-        part = indices[start : start + chunk]
-        images = render([prompt] * len(part), part)  # seed of image i = i
-        for index, image in zip(part, images, strict=True):
-            path = class_image_path(folder, index)
+        part = list(indices[start : start + chunk])
+        asked = [prompt_of(i) for i in part]
+        for index, prompt, image in zip(part, asked, render(asked, part), strict=True):
+            path = path_of(index)
             write_text(path.with_suffix(".txt"), prompt + "\n")
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
-    return missing
 
 
 def load_class_images(

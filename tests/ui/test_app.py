@@ -30,6 +30,8 @@ def test_the_app_builds_with_a_form_per_method(tmp_path):
         assert needed in ids
     for needed in ("dataset-alpha-mask", "dataset-captioner-model", "dataset-mask-note", "results-strength"):
         assert needed in ids
+    for needed in ("runs-eval", "results-evaluation", "results-report"):  # evaluation plot, figures, report.html
+        assert needed in ids
     assert app.runs_dir == (tmp_path / "runs").resolve() and app.runs_dir.is_dir()
 
 

@@ -87,6 +87,16 @@ def train(
     outputs = run(cfg, resume=resume, console=console, allow_config_change=allow_config_change)
     for path in outputs:
         console.print(f"output: {path}", highlight=False, markup=False)
+    if cfg.eval is not None:  # the evaluation's three lines: best step, last step, its cost and the report
+        from sdtune.methods.run import run_dir_of
+        from sdtune.train.report import read_report, summary_lines
+
+        folder = run_dir_of(cfg)
+        report = read_report(folder)
+        if report:
+            html = folder.root / "report.html"
+            for line in summary_lines(report, html if html.is_file() else None):
+                console.print(line, highlight=False, markup=False)
 
 
 @app.command()
@@ -171,6 +181,58 @@ def generate_cmd(
         hypernetwork,
         lora,
     )
+
+
+@app.command("eval")
+def eval_cmd(
+    path: Path = typer.Argument(..., help="A run folder, or a LoRA / embedding / hypernetwork / checkpoint file."),
+    base: str = typer.Option("builtin", help="Files: the model to apply them to ('builtin', a folder or a file)."),
+    concept: str | None = typer.Option(None, help="Files on the built-in model: star, teal_heart or night."),
+    prompt: list[str] = typer.Option([], help="Concept prompt(s); [name] = --word."),
+    prior_prompt: list[str] = typer.Option([], "--prior-prompt", help="Prompt(s) the model should keep (drift)."),
+    word: str | None = typer.Option(None, help="How prompts name the concept (trigger / token); embeddings: its word."),
+    kind: str | None = typer.Option(None, help="Files: lora, embedding, hypernetwork or model (default: from keys)."),
+    clip_model: str | None = typer.Option(None, "--clip-model", help="A local CLIP folder (CLIP-I, CLIP-T)."),
+    dino_model: str | None = typer.Option(None, "--dino-model", help="A local DINOv2 folder (DINO, drift)."),
+    reference_images: str | None = typer.Option(
+        None, "--reference-images", help="The concept's images (CLIP-I / DINO likeness)."
+    ),
+    strength: float = typer.Option(1.0, help="LoRA weight, hypernetwork multiplier, or a model blended with --base."),
+    steps: int = typer.Option(12, min=1, max=1000, help="Files: sampling steps (a run uses its own eval.steps)."),
+    seed: int = typer.Option(1000, help="Files: the first image's seed (a run uses its own eval.seed)."),
+    grid: Path | None = typer.Option(None, help="Also save the evaluation images as one grid PNG here."),
+    json_: Path | None = typer.Option(None, "--json", help="Write the figures as JSON to this file."),
+) -> None:
+    """Score a run's output or any file the way training evaluates: fidelity, adherence, drift, score (points)."""
+    import json
+
+    from rich.table import Table
+
+    from sdtune.config.blocks import EvalConfig
+    from sdtune.core.atomic import write_text
+    from sdtune.tools.evaluate_files import evaluate_file, evaluate_run
+
+    if path.is_dir() and (path / "config.yaml").is_file():
+        figures = evaluate_run(path, strength, grid)
+    else:
+        fields = {"concept": concept, "prompts": prompt, "prior_prompts": prior_prompt, "clip_model": clip_model}
+        fields |= {"dino_model": dino_model, "reference_images": reference_images, "steps": steps, "seed": seed}
+        from pydantic import ValidationError
+
+        from sdtune.config.errors import config_error
+
+        try:
+            e = EvalConfig(**{k: v for k, v in fields.items() if v not in (None, [])})
+        except ValidationError as exc:
+            raise config_error(exc, EvalConfig) from None
+        figures = evaluate_file(path, base, e, word, kind, strength, grid)
+    table = Table("figure", "points", title=str(path))
+    for key, value in figures.items():
+        table.add_row(key, f"{value:g}")
+    console.print(table)
+    if json_ is not None:
+        write_text(json_, json.dumps(figures, indent=1) + "\n")
+        console.print(f"figures: {json_}", highlight=False, markup=False)
 
 
 @app.command("ui")

@@ -309,3 +309,59 @@ class PreviewConfig(StrictModel):
     """Sampler for previews."""
     before_training: bool = True
     """Render the previews once before the first step too (for before/after comparisons)."""
+
+
+# The figures an evaluation writes to eval.jsonl that a run may select its best step by (all higher = better; drift,
+# lower = better, is folded into `score`). Which are present depends on the scorer (sdtune.evaluate).
+SELECTABLE_FIGURES = ("score", "fidelity", "adherence", "prior", "clip_i", "clip_t", "dino")
+
+
+class EvalConfig(StrictModel):
+    """Evaluation while training: every `every_n_steps` (and once at the start, for the base) a fixed, seeded set of
+    images is generated from the model as users get it and scored; `eval.jsonl` records the figures, the best step's
+    files are what `output/` holds, and `patience` can end the run early."""
+
+    every_n_steps: int = Field(300, ge=1, examples=[300])
+    """Evaluate every N steps (and at step 0, the base model; and the last step)."""
+    scorer: Literal["auto", "world", "clip"] = "auto"
+    """`world`: the shapes-world scorer (the built-in model); `clip`: CLIP-I / CLIP-T (and DINOv2 with
+    `dino_model`) with models from local folders; `auto`: world on the built-in model, clip when `clip_model` is set,
+    otherwise no evaluation (said once before training)."""
+    concept: Literal["star", "teal_heart", "night"] | None = None
+    """World scorer: the built-in concept the run teaches (`night`: the black-background style); its evaluation
+    prompts put it on backgrounds the dataset never shows, named as the run names it (its token or trigger)."""
+    prompts: list[str] = Field(default_factory=list, examples=[["a photo of [name] on a beach"]])
+    """Concept prompts (`[name]` = the run's token or trigger). Empty: the concept's prompts (world) or the preview
+    prompts (clip)."""
+    prior_prompts: list[str] = Field(default_factory=list, examples=[["a photo of a dog"]])
+    """Prompts of what the model should keep drawing (drift is measured on them). Empty: `num_prior_prompts` base
+    prompts (world), else the preservation prompts or the DreamBooth class prompt."""
+    num_prior_prompts: int = Field(16, ge=1, le=512, examples=[16])
+    """World scorer: how many base prompts (every shape and colour) measure the drift."""
+    images_per_prompt: int = Field(1, ge=1, le=64, examples=[1])
+    """Images per prompt (seeds `seed`, `seed + 1`, ...)."""
+    seed: int = Field(1000, examples=[1000])
+    """Seed of the first evaluation image; fixed, so every evaluation sees the same noise."""
+    steps: int = Field(12, ge=1, le=1000, examples=[20])
+    """Sampling steps of the evaluation images."""
+    cfg_scale: float = Field(7.0, ge=0.0, examples=[7.0])
+    """Classifier-free guidance scale of the evaluation images."""
+    sampler: Literal["ddim", "euler", "euler_a", "dpmpp_2m"] = "ddim"
+    """Sampler of the evaluation images."""
+    clip_model: str | None = Field(None, examples=["models/clip-vit-large-patch14"])
+    """A local CLIP folder (transformers `CLIPModel` + tokenizer): CLIP-I (likeness to the training images) and
+    CLIP-T (image-prompt agreement)."""
+    dino_model: str | None = Field(None, examples=["models/dinov2-small"])
+    """A local DINOv2 folder (transformers `Dinov2Model`): DINO likeness to the training images, and the drift."""
+    reference_images: str | None = Field(None, examples=["datasets/my-concept"])
+    """Images the concept should look like (CLIP-I, DINO). Empty: the training images (`data.path`)."""
+    drift_weight: float = Field(0.5, ge=0.0, examples=[0.5])
+    """`score = fidelity - drift_weight x drift`."""
+    select: Literal[SELECTABLE_FIGURES] = "score"
+    """The `eval.jsonl` figure whose maximum picks the best step (what `output/` holds)."""
+    keep_best: bool = True
+    """`output/` holds the best evaluated step's files (the last step's in `output/last/`); `false`: the last step's."""
+    patience: int = Field(0, ge=0, examples=[3])
+    """Stop after this many evaluations in a row without an improvement of at least `min_delta` (0 = never)."""
+    min_delta: float = Field(0.0, ge=0.0, examples=[1.0])
+    """The smallest rise of the `select` figure (points) that counts as an improvement for `patience`."""

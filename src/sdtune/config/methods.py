@@ -19,6 +19,7 @@ from sdtune.config.base import StrictModel
 from sdtune.config.block_weights import BlockWeights, check_block_weights, parse_block_weights
 from sdtune.config.blocks import (
     DataConfig,
+    EvalConfig,
     ModelConfig,
     OptimizerConfig,
     PreviewConfig,
@@ -40,6 +41,8 @@ class RunBase(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
+    eval: EvalConfig | None = None
+    """Evaluation while training (fidelity, drift, the best step, early stop); see `EvalConfig`. None = off."""
 
     @field_validator("name")
     @classmethod
@@ -47,6 +50,16 @@ class RunBase(StrictModel):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}", value):
             raise ValueError(f"use letters, digits, '.', '_', '-' or spaces (got {value!r}); e.g. my-concept")
         return value
+
+    @model_validator(mode="after")
+    def _eval_fits_run(self) -> RunBase:
+        e, steps = self.eval, self.train.max_steps
+        if e is not None and e.every_n_steps > steps:
+            raise ValueError(
+                f"eval.every_n_steps: {e.every_n_steps} is more than train.max_steps ({steps}), so only the start and "
+                f"the end would be evaluated; set it to at most {steps} (e.g. {max(1, steps // 5)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits_prediction(self) -> RunBase:

@@ -39,6 +39,16 @@ class ValidationLoss:
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    """An evaluation after ``step`` (``eval:``): its figures (points), the best step so far, the time it took."""
+
+    step: int
+    figures: dict
+    best_step: int | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class SampleSaved:
     step: int
     paths: tuple[str, ...]
@@ -58,6 +68,7 @@ class RunFinished:
     reason: str = "max steps reached"
     train_seconds: float | None = None  # wall time of this process's run without its previews
     preview_seconds: float = 0.0  # wall time spent rendering previews
+    eval_seconds: float = 0.0  # wall time spent on evaluations (eval:)
 
 
 @dataclass(frozen=True)

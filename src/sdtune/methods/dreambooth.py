@@ -17,6 +17,7 @@ Recipe (Ruiz et al. 2023, arXiv 2208.12242; diffusers' ``examples/dreambooth/tra
 
 from __future__ import annotations
 
+import contextlib
 import random
 from functools import partial
 from pathlib import Path
@@ -173,8 +174,17 @@ class DreamBoothJob:
             prompts = [self.prompt(0, random.Random(p.seed))] + ([cfg.class_prompt] if cfg.class_prompt else [])
         seeds = [p.seed + i for i in range(len(prompts))]
         settings = preview_settings(p, self.resolution)
+        with self.users_model() as model:
+            return render_previews(model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+
+    # -- evaluation (sdtune.methods.evaluation) ---------------------------------------------------------
+    @contextlib.contextmanager
+    def users_model(self):
         with eval_mode(self.trained.values()):
-            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+            yield self.model
+
+    def model_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
 
 
 def setup(cfg: DreamBoothConfig, accelerator: Accelerator, console: Console | None = None) -> DreamBoothJob:

@@ -153,8 +153,18 @@ class FinetuneJob:
         prompts = preview_prompts(p, self.templates, self.data.captions, name=None)
         seeds = [p.seed + i for i in range(len(prompts))]
         settings = preview_settings(p, self.resolution)
+        with self.users_model() as model:
+            return render_previews(model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+
+    # -- evaluation (sdtune.methods.evaluation) ---------------------------------------------------------
+    @contextlib.contextmanager
+    def users_model(self):
+        """The trained weights in eval mode, their EMA when the run keeps one."""
         with eval_mode(self.trained.values()), self.averaged():
-            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+            yield self.model
+
+    def model_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
 
 
 def setup(cfg: FinetuneConfig, accelerator: Accelerator, console: Console | None = None) -> FinetuneJob:

@@ -15,6 +15,7 @@ Previews render with the hypernetwork in eval mode (no dropout) at ``multiplier`
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -159,12 +160,22 @@ class HypernetworkJob:
         prompts = preview_prompts(p, self.templates, self.data.captions, name=self.cfg.name)
         seeds = [p.seed + i for i in range(len(prompts))]
         settings = preview_settings(p, self.resolution)
-        self.hypernetwork.eval()  # no dropout, and the multiplier applies (A1111 ignores it while training)
+        with self.users_model() as model:
+            return render_previews(model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+
+    # -- evaluation (sdtune.methods.evaluation) ---------------------------------------------------------
+    @contextlib.contextmanager
+    def users_model(self):
+        """No dropout, and the preview multiplier applies (A1111 ignores it while training)."""
+        self.hypernetwork.eval()
         self.hypernetwork.multiplier = self.cfg.multiplier
         try:
-            return render_previews(self.model, prompts, prompts, seeds, settings, out_dir, self.base_path.stem)
+            yield self.model
         finally:
             self.hypernetwork.train()
+
+    def model_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
 
 
 def setup(cfg: HypernetworkConfig, accelerator: Accelerator, console: Console | None = None) -> HypernetworkJob:

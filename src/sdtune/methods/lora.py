@@ -486,16 +486,26 @@ class LoraJob:
             save_a1111_pt(emb, paths[-1])
         return paths
 
+    # -- evaluation (sdtune.methods.evaluation) ---------------------------------------------------------
+    @contextlib.contextmanager
+    def users_model(self):
+        """The model as users get it: adapters in eval mode (no dropout), the EMA weights when the run keeps them."""
+        with eval_mode(self.components.values()), self.averaged():
+            yield self.model
+
+    def model_prompts(self, prompts: list[str]) -> list[str]:
+        if not self.cfg.token:
+            return list(prompts)
+        return [expand_token(q, self.cfg.token, self.cfg.num_vectors) for q in prompts]
+
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         p = self.cfg.preview
         prompts = preview_prompts(p, self.templates, self.data.captions, name=self.cfg.token or "")
-        shown = prompts
-        if self.cfg.token:
-            prompts = [expand_token(q, self.cfg.token, self.cfg.num_vectors) for q in prompts]
         seeds = [p.seed + i for i in range(len(prompts))]
         settings = preview_settings(p, self.resolution)
-        with eval_mode(self.components.values()), self.averaged():
-            return render_previews(self.model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
+        with self.users_model() as model:
+            shown, prompts = prompts, self.model_prompts(prompts)
+            return render_previews(model, prompts, shown, seeds, settings, out_dir, self.base_path.stem)
 
 
 def _noise_metadata(cfg: LoraConfig) -> dict[str, object]:

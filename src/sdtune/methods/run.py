@@ -22,6 +22,7 @@ from sdtune.core.errors import ConfigError, TrainingError
 from sdtune.core.events import EventBus
 from sdtune.methods import setup_function
 from sdtune.methods.estimate import Estimate, device_memory, estimate, peak_rss, summary_lines
+from sdtune.methods.evaluation import load_scorers, make_evaluator
 from sdtune.train.config_changes import check_resume, describe
 from sdtune.train.disk_errors import WriteGuard
 from sdtune.train.listeners import ConsoleProgress, TensorBoardLogger
@@ -103,17 +104,36 @@ def run(
         else:
             cost = None
         accelerator.wait_for_everyone()
+        say = _say(console, run) if accelerator.is_main_process else (lambda line: None)
+        scorers = load_scorers(cfg.eval, cfg.model.base)  # a bad scorer folder is one line before the model loads
+        if scorers.notice:
+            say(scorers.notice)
         try:
             job = setup_function(cfg.method)(cfg, accelerator, console)
+            evaluate = make_evaluator(cfg, scorers, job, say) if accelerator.is_main_process else None
+            if not accelerator.is_main_process and scorers.kind is not None:
+                evaluate = _elsewhere  # the main process evaluates; the others take part in its decisions
             if accelerator.is_main_process:
                 run.log(_startup_line(entered, estimate_seconds, getattr(job, "report", None)))
             with _graceful_stop(run, console):
-                outputs = train(job, cfg, run, bus, accelerator)
+                outputs = train(job, cfg, run, bus, accelerator, evaluate)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise TrainingError(_out_of_memory(exc, cost, run)) from None
         if accelerator.is_main_process:
             _record_measured(run, cost, accelerator)
         return outputs
+
+
+def _say(console: Console, run: RunDir):
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+        run.log(line)
+
+    return say
+
+
+def _elsewhere(step: int, folder: Path) -> dict:
+    raise RuntimeError("evaluations run on the main process only")
 
 
 def _startup_line(entered: float, estimate_seconds: float, report) -> str:

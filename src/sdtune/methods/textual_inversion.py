@@ -15,6 +15,7 @@ The original token rows are never parameters, so they cannot change: no "restore
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from pathlib import Path
@@ -182,6 +183,13 @@ class TextualInversionJob:
     def _render(self, prompts: list[str], seeds: list[int]):
         expanded = [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
         return generate(self.model, expanded, seeds, preview_settings(self.cfg.preview, self.resolution))
+
+    # -- evaluation (sdtune.methods.evaluation) ---------------------------------------------------------
+    def users_model(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext(self.model)
+
+    def model_prompts(self, prompts: list[str]) -> list[str]:
+        return [expand_token(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
 
     def preview(self, out_dir: Path, step: int) -> tuple[list[Path], Path | None]:
         prompts = self._preview_prompts()

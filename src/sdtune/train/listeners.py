@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from sdtune.core.events import (
     CheckpointSaved,
+    Evaluated,
     Event,
     RunFailed,
     RunFinished,
@@ -122,6 +123,12 @@ class ConsoleProgress:
                 self.pending = event
         elif isinstance(event, ValidationLoss):
             self._print(f"step {event.step}: validation loss {event.loss:.5f}")
+        elif isinstance(event, Evaluated):
+            figures = ", ".join(f"{k} {v:g}" for k, v in event.figures.items())
+            best = f"; best step {event.best_step}" if event.best_step is not None else ""
+            self._print(f"step {event.step}: evaluation {figures} ({event.seconds:.1f} s){best}")
+            self.times.clear()  # speed and ETA are of training
+            self.times.append((self.clock(), event.step))
         elif isinstance(event, RunWarning):
             self.console.print(f"[yellow]warning:[/yellow] {escape(event.message)}", highlight=False, soft_wrap=True)
         elif isinstance(event, (CheckpointSaved, SampleSaved)):
@@ -172,6 +179,9 @@ class TensorBoardLogger:
             self.writer.add_scalar("images_per_second", event.images_per_second, event.step)
         elif isinstance(event, ValidationLoss):
             self.writer.add_scalar("validation_loss", event.loss, event.step)
+        elif isinstance(event, Evaluated):
+            for key, value in event.figures.items():
+                self.writer.add_scalar(f"eval/{key}", value, event.step)
         elif isinstance(event, SampleSaved) and event.grid:
             import numpy as np
             from PIL import Image

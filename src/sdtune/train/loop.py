@@ -13,8 +13,10 @@ x batch B see the same samples with the same noise as 1 process x batch 2B.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,9 +29,11 @@ from accelerate import Accelerator
 
 from sdtune.config import dump_yaml
 from sdtune.config.methods import RunBase
+from sdtune.core.atomic import atomic_path, write_text
 from sdtune.core.errors import TrainingError
 from sdtune.core.events import (
     CheckpointSaved,
+    Evaluated,
     EventBus,
     RunFailed,
     RunFinished,
@@ -46,6 +50,9 @@ from sdtune.train.optim import FusedBackward, LearningRate, eval_weights, make_o
 from sdtune.train.plots import plot_loss
 from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
+from sdtune.train.selection import Selection
+
+EvaluateFn = Callable[[int, Path], dict]  # (step, the run's eval/ folder) -> figures; sdtune.methods.evaluation
 
 
 class Job(Protocol):
@@ -203,8 +210,14 @@ def _stop_requested(run: RunDir, accelerator: Accelerator) -> bool:
     return stop
 
 
-def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator) -> list[Path]:
+def train(
+    job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator, evaluate: EvaluateFn | None = None
+) -> list[Path]:
     """Train ``job`` to ``cfg.train.max_steps`` (resuming from the run's latest checkpoint); return output paths.
+
+    With ``evaluate`` (``eval:``) the main process evaluates at step 0, every ``eval.every_n_steps`` and at the
+    end; the best evaluated step is kept as a checkpoint and becomes ``output/``, and ``eval.patience`` can end
+    the run early (:mod:`sdtune.train.selection`).
 
     A full disk or a refused write is one :class:`TrainingError` line (what, the space needed, the last good
     checkpoint, how to resume); the checkpoint being written is dropped whole, the previous one stays intact.
@@ -214,7 +227,7 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
     try:
         # what the steps never call (cached latents and prompts: the VAE, frozen text encoders) leaves the GPU
         parking = park_frozen(job, accelerator.device)
-        return _train(job, cfg, run, bus, accelerator, writes, parking)
+        return _train(job, cfg, run, bus, accelerator, writes, parking, evaluate)
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc, TrainingError) else exc
         if cause is None or disk_problem(cause) is None:
@@ -234,7 +247,14 @@ def train(job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accel
 
 
 def _train(
-    job: Job, cfg: RunBase, run: RunDir, bus: EventBus, accelerator: Accelerator, writes: WriteGuard, parking: Parking
+    job: Job,
+    cfg: RunBase,
+    run: RunDir,
+    bus: EventBus,
+    accelerator: Accelerator,
+    writes: WriteGuard,
+    parking: Parking,
+    evaluate: EvaluateFn | None,
 ) -> list[Path]:
     t, main = cfg.train, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -281,6 +301,10 @@ def _train(
         run.log("buckets (images per size): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.items()))
 
     saved_step = start if last_checkpoint is not None else -1  # the same on every process
+    e = cfg.eval if evaluate is not None else None
+    if e is None:
+        evaluate = None
+    selection = Selection.of(run.evaluations() if e else [], e.select, e.min_delta, e.patience) if e else None
 
     def users_weights():
         """Previews, the validation loss and exports see the weights users get (schedule-free: the average);
@@ -310,6 +334,7 @@ def _train(
                 export=lambda d: exported(d, step),
                 keep_last=cfg.save.keep_last,
                 config=dump_yaml(cfg),
+                keep=frozenset({selection.best_step}) if selection and selection.best_step is not None else frozenset(),
             )
         plot_loss(run)
         run.log(f"checkpoint {path}")
@@ -333,6 +358,39 @@ def _train(
             run.log(f"previews of step {step}: {len(paths)} images in {seconds:.1f} s")
             bus.emit(SampleSaved(step, tuple(map(str, paths)), str(grid) if grid else None))
 
+    eval_seconds = 0.0  # evaluations are timed apart from training too
+
+    def evaluation(step: int) -> None:
+        """Evaluate (main process), record the row, and let every process know the selected figure."""
+        nonlocal eval_seconds
+        if selection is None or step in selection.evaluated:
+            return
+        row: dict = {"step": step}
+        if main:
+            tic = time.perf_counter()
+            with writes.writing(f"the evaluation of step {step}", run.eval_dir), users_weights():
+                with parking.in_use():
+                    figures = evaluate(step, run.eval_dir)
+            seconds = time.perf_counter() - tic
+            eval_seconds += seconds
+            row |= figures | {"seconds": round(seconds, 2)}
+            run.append_eval(row)
+        if world > 1:  # the best step and early stop are decided alike everywhere (checkpoints wait for all)
+            value = torch.tensor(float(row.get(e.select, math.nan)), device=accelerator.device)
+            from accelerate.utils import broadcast
+
+            value = float(broadcast(value, from_process=0))
+            row = row if main else {"step": step} | ({} if math.isnan(value) else {e.select: value})
+        selection.add(row)
+        if main:
+            shown = {k: v for k, v in row.items() if k not in ("step", "seconds")}
+            run.log(f"evaluation of step {step}: " + ", ".join(f"{k} {v:g}" for k, v in shown.items()))
+            write_text(run.report_path, json.dumps(report(step, "running"), indent=1))
+            bus.emit(Evaluated(step, shown, selection.best_step, row.get("seconds", 0.0)))
+
+    def report(step: int, stopped: str) -> dict:
+        return selection.report(step, stopped, eval_seconds, time.perf_counter() - run_started - preview_seconds)
+
     def epoch(step: int) -> int:
         return step * per_step // stream.epoch_length + 1
 
@@ -342,6 +400,8 @@ def _train(
     run_started = time.perf_counter()
     if start == 0 and cfg.preview.before_training:
         preview(0)
+    if start == 0:
+        evaluation(0)  # the base model: drift's reference
 
     validate = getattr(job, "validation_loss", None) if t.validation_every_n_steps else None
 
@@ -423,7 +483,14 @@ def _train(
         bus.emit(StepEnd(step, t.max_steps, epoch(step), loss_value, rate, speed, grad_norm))
         if validation is not None:
             bus.emit(ValidationLoss(step, validation))
-        if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < t.max_steps:
+        if e is not None and step % e.every_n_steps == 0 and step < t.max_steps:
+            evaluation(step)
+            if e.keep_best and selection.best_step == step:  # the best so far: kept until a better one comes
+                last_checkpoint = save_checkpoint(step) or last_checkpoint
+            if selection.exhausted:
+                reason = selection.stop_reason()
+                break
+        if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < t.max_steps and saved_step != step:
             last_checkpoint = save_checkpoint(step) or last_checkpoint
         if cfg.preview.every_n_steps and step % cfg.preview.every_n_steps == 0 and step < t.max_steps:
             preview(step)
@@ -431,24 +498,66 @@ def _train(
             reason = "stopped on request"
             break
 
-    # 5. the end: a resumable checkpoint (unless this step's was just written), the exported files, final previews
+    # 5. the end: the last evaluation, a resumable checkpoint (unless this step's was just written), the exported
+    # files (with eval.keep_best: the best evaluated step's, the last step's in output/last/), final previews
+    evaluation(step)
     if saved_step != step:
         save_checkpoint(step)
     outputs: list[Path] = []
+    output_step = step  # the step whose files output/ holds
     if main:
         with writes.writing("the outputs", run.output, tensor_bytes(job.state_dict())):
-            outputs = exported(run.output, step)
+            best = selection.best_step if e is not None and e.keep_best else None
+            outputs = _best_outputs(run, best, step) if best is not None and best != step else None
+            output_step = best if outputs is not None else step
+            if outputs is None:
+                shutil.rmtree(run.output / "last", ignore_errors=True)
+                outputs = exported(run.output, step)
+            else:
+                exported(run.output / "last", step)
         for message in getattr(job, "export_warnings", ()):
             run.log(f"warning: {message}")
             bus.emit(RunWarning(step, message))
         run.log(f"finished at step {step} ({reason}); outputs: {', '.join(map(str, outputs))}")
     preview(step)
-    train_seconds = time.perf_counter() - run_started - preview_seconds
+    train_seconds = time.perf_counter() - run_started - preview_seconds - eval_seconds
     if main:
-        run.log(f"time: training {train_seconds:.1f} s, previews {preview_seconds:.1f} s")
+        total = max(time.perf_counter() - run_started, 1e-9)
+        run.log(
+            f"time: training {train_seconds:.1f} s, previews {preview_seconds:.1f} s"
+            + (f", evaluation {eval_seconds:.1f} s ({100 * eval_seconds / total:.1f} %)" if selection else "")
+        )
+        if selection is not None:
+            final = selection.report(step, reason, eval_seconds, train_seconds)
+            final |= {"output_step": output_step, "keep_best": output_step != step or final["best_step"] == step}
+            write_text(run.report_path, json.dumps(final, indent=1))
+            from sdtune.train.report import write_report
+
+            write_report(run)
     if main and reason == "stopped on request":
         run.clear_stop()  # honoured: resuming starts clean
-    bus.emit(RunFinished(step, tuple(map(str, outputs)), reason, train_seconds, preview_seconds))
+    bus.emit(RunFinished(step, tuple(map(str, outputs)), reason, train_seconds, preview_seconds, eval_seconds))
+    return outputs
+
+
+def _best_outputs(run: RunDir, best: int, step: int) -> list[Path] | None:
+    """``output/`` made the files of the best step's checkpoint (copied, each atomically); None (with a log line)
+    when that checkpoint is gone."""
+    checkpoint = run.checkpoint(best)
+    source = checkpoint.path / "export" if checkpoint is not None else None
+    if source is None or not source.is_dir():
+        run.log(f"eval: the best step {best} has no checkpoint left; output/ holds the last step {step}")
+        return None
+    for file in sorted(source.rglob("*")):
+        if file.is_file():
+            dest = run.output / file.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp:
+                shutil.copy2(file, tmp)
+    listed = checkpoint.path / "outputs.json"
+    names = json.loads(listed.read_text(encoding="utf-8")) if listed.is_file() else []
+    outputs = [run.output / name for name in names]
+    run.log(f"output/ holds the best evaluated step {best}; output/last/ the last step {step}")
     return outputs
 
 

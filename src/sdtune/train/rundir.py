@@ -5,7 +5,11 @@
                 events.log           human-readable log of what happened
                 samples/step-<N>/    preview PNGs (with infotext) and grid.png
                 checkpoints/step-<N>/ trainable.safetensors, optimizer.pt, state.json, rng.pt, config.yaml, export/
-                output/              the exported artifacts
+                output/              the exported artifacts (with eval: the best evaluated step's; output/last/
+                                     the last step's when they differ)
+                eval.jsonl           one JSON object per evaluation: step and every figure (eval:)
+                eval/                step-<N>.png (the evaluation images), reference.safetensors (drift's baseline)
+                report.json          best_step, selected_by, the best and last figures, why the run stopped
                 .lock                held (OS lock) by the one process training the run; names its PID and host
 
 Every file is written atomically; a checkpoint folder is written under a temporary name and renamed, so a
@@ -67,6 +71,9 @@ class RunDir:
         self.config_path = self.root / "config.yaml"
         self.stop_path = self.root / "STOP"
         self.lock_path = self.root / ".lock"
+        self.eval_path = self.root / "eval.jsonl"
+        self.eval_dir = self.root / "eval"
+        self.report_path = self.root / "report.json"
 
     # -- graceful stop: any process (the web UI, a signal handler, a user with `touch`) may ask ---------
     def request_stop(self) -> None:
@@ -145,20 +152,21 @@ class RunDir:
             fh.write(json.dumps(row) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: ignore it
-                continue
-        return rows
+        return _rows(self.metrics_path)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric rows past ``after_step`` (steps a killed run did after its last checkpoint)."""
-        rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
-        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        """Drop metric and evaluation rows past ``after_step`` (steps a killed run did after its last checkpoint)."""
+        for path in (self.metrics_path, self.eval_path):
+            if path.is_file():
+                rows = [r for r in _rows(path) if r.get("step", 0) <= after_step]
+                write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_eval(self, row: dict[str, Any]) -> None:
+        with open(self.eval_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        return _rows(self.eval_path)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def list_checkpoints(self) -> list[Checkpoint]:
@@ -185,8 +193,10 @@ class RunDir:
         export=None,
         keep_last: int = 3,
         config: str | None = None,
+        keep: frozenset[int] = frozenset(),
     ) -> Path:
-        """Write ``checkpoints/step-<step>/`` atomically; ``export(dir)`` may add exported files; prune old ones.
+        """Write ``checkpoints/step-<step>/`` atomically; ``export(dir)`` may add exported files; prune old ones
+        (beyond the newest ``keep_last``; the steps in ``keep``, e.g. the best evaluated step, are never pruned).
 
         ``config`` (the resolved YAML) is kept beside the weights: resume compares it with the config it is given.
         """
@@ -200,11 +210,30 @@ class RunDir:
             torch.save(optimizer, tmp / "optimizer.pt")
             torch.save(rng, tmp / "rng.pt")
             if export is not None:
-                export(tmp / "export")
+                written = export(tmp / "export") or []  # what the export names as its outputs, in its order
+                names = [str(Path(f).relative_to(tmp / "export")) for f in written]
+                (tmp / "outputs.json").write_text(json.dumps(names), encoding="utf-8")
             (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         for old in self.list_checkpoints()[:-keep_last]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            if old.step not in keep:
+                shutil.rmtree(old.path, ignore_errors=True)
         return final
+
+    def checkpoint(self, step: int) -> Checkpoint | None:
+        return next((c for c in self.list_checkpoints() if c.step == step), None)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file, a line cut by a kill left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 class RunBusyError(TrainingError):

@@ -1,10 +1,10 @@
-"""The Results page: before / after grids, numbers, output files, and "generate with this" at a strength.
+"""The Results page: before / after grids, numbers, evaluation figures, output files and the run's report.html, and
+"generate with this" at a strength.
 
 Widgets only: the work is :mod:`sdtune.ui.views`' (generation: :func:`sdtune.ui.views.generate_with`).
 """
 
 # No `from __future__ import annotations`: gradio reads handler annotations (gr.SelectData) at run time.
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdtune.ui import views, widgets
@@ -22,6 +22,12 @@ def build(gr, app: "App") -> dict:
         before = gr.Image(label="before", interactive=False, elem_id="results-before", height=320)
         after = gr.Image(label="after", interactive=False, elem_id="results-after", height=320)
     numbers = gr.Dataframe(headers=["measure", "before", "after"], label="numbers", interactive=False)
+    evaluation = gr.Dataframe(
+        headers=views.EVALUATION_HEADERS,
+        label="evaluation (points; base = step 0, best = what output/ holds)",
+        interactive=False,
+        elem_id="results-evaluation",
+    )
     files = gr.File(label="output files", file_count="multiple", interactive=False, elem_id="results-files")
     with gr.Accordion("Generate with this", open=True):
         with gr.Row():
@@ -50,25 +56,27 @@ def build(gr, app: "App") -> dict:
             elem_id="results-generated",
         )
         generate_message = widgets.message(gr, "generate-message")
+    with gr.Accordion("Report (report.html)", open=True):
+        report = gr.HTML("", elem_id="results-report")
 
     def show(value: str | None):
         try:
             root = app.run_root(value)
             found = views.results(root)
         except Exception as exc:  # noqa: BLE001
-            return widgets.error(exc), None, None, [], None, gr.skip()
-        folders = f" · folders: {', '.join(f'`{Path(f).name}/`' for f in found.folders)}" if found.folders else ""
-        text = widgets.ok(f"{len(found.files)} output files{folders}")
+            return widgets.error(exc), None, None, [], [], None, "", gr.skip()
         return (
-            text,
+            widgets.ok(found.message()),
             gr.Image(value=found.before, label=found.before_label or "before"),
             gr.Image(value=found.after, label=found.after_label or "after"),
             found.numbers,
+            found.evaluation,
             found.files or None,
+            found.report_html,
             views.default_prompt(root),
         )
 
-    run.change(show, [run], [message, before, after, numbers, files, prompt])
+    run.change(show, [run], [message, before, after, numbers, evaluation, files, report, prompt])
 
     def generate_images(value, text, seed_, strength_, steps_):
         try:

@@ -1,4 +1,5 @@
-"""The Runs page: a run's live status, loss curve, previews and log (polled once a second), stop and resume.
+"""The Runs page: a run's live status, loss curve, evaluation figures, previews and log (polled once a second), stop
+and resume.
 
 Widgets only: what is shown is :mod:`sdtune.ui.views`', stop / resume :class:`sdtune.ui.jobs.JobManager`'s.
 """
@@ -27,25 +28,33 @@ def build(gr, app: "App") -> dict:
         previews = gr.Gallery(
             label="previews (newest first)", columns=2, height=320, fit_columns=False, elem_id="runs-previews"
         )
+    evaluation = gr.Image(
+        label="evaluation (points by step; drift dashed, lower = better)",
+        type="pil",
+        interactive=False,
+        elem_id="runs-eval",
+        height=320,
+    )
     log = gr.Textbox(label="event log", lines=12, max_lines=12, interactive=False, elem_id="runs-log", autoscroll=True)
     seen = gr.State({})
 
     def tick(value: str | None, last: dict):
         """Update what changed in the run folder since the last tick; skip the rest (no flicker, no work)."""
         if not value:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
         try:
             root = app.run_root(value)
             status_value = app.jobs.status(root)
         except Exception as exc:  # noqa: BLE001
-            return widgets.error(exc), gr.skip(), gr.skip(), gr.skip(), last
+            return widgets.error(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
         now = {"run": value, **_signature(root)}
         same_run = last.get("run") == value
         changed = {key: not same_run or last.get(key) != now[key] for key in now}
         plot = views.loss_plot(root) if changed["metrics"] else gr.skip()
+        eval_image = views.eval_plot(root) if changed["eval"] else gr.skip()
         gallery = views.preview_gallery(root) if changed["samples"] else gr.skip()
         text = views.log_text(root) if changed["logs"] else gr.skip()
-        return views.status_markdown(status_value), plot, gallery, text, now
+        return views.status_markdown(status_value), plot, eval_image, gallery, text, now
 
     def act(action: Callable[[Path], str], value: str | None):
         try:
@@ -71,7 +80,7 @@ def build(gr, app: "App") -> dict:
         "refresh": refresh,
         "seen": seen,
         "tick": tick,
-        "tick_outputs": [status, loss, previews, log, seen],
+        "tick_outputs": [status, loss, evaluation, previews, log, seen],
     }
 
 
@@ -86,6 +95,7 @@ def _signature(root: Path) -> dict:
     samples = views.sample_steps(root)
     return {
         "metrics": stat(root / "metrics.jsonl"),
+        "eval": views.eval_signature(root),
         "samples": [step for step, _ in samples],
         "logs": stat(root / "events.log") + stat(root / "ui.log"),
     }

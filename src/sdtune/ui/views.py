@@ -1,4 +1,5 @@
-"""What the Runs and Results pages show, read from a run folder: loss curve, previews, logs, outputs, numbers.
+"""What the Runs and Results pages show, read from a run folder: loss curve, evaluation figures, previews, logs,
+outputs, numbers and the run's ``report.html`` (:mod:`sdtune.train.report`).
 
 Only files of the run folder contract (:mod:`sdtune.train.rundir`) are read, so a run started on the command
 line looks the same as one started from the UI. "Generate with this" applies the run's output to its base model
@@ -9,6 +10,7 @@ uses), loads the model for that one call and lets it go.
 from __future__ import annotations
 
 import gc
+import html
 import io
 import re
 import tempfile
@@ -21,6 +23,7 @@ from sdtune.config import load_train_config
 from sdtune.config.methods import RunBase
 from sdtune.core.errors import SdtuneError
 from sdtune.inference.infotext import parse_infotext
+from sdtune.train import report as run_report
 from sdtune.train.listeners import format_speed
 from sdtune.train.plots import smooth
 from sdtune.train.rundir import RunDir
@@ -84,6 +87,25 @@ def loss_plot(run_root: Path) -> Image.Image | None:
     return Image.open(buffer)
 
 
+def eval_plot(run_root: Path) -> Image.Image | None:
+    """The evaluation figures (``eval.jsonl``) against the step, the best step marked once ``report.json`` names
+    it; None before the first evaluation."""
+    return run_report.eval_plot(RunDir(run_root))
+
+
+def eval_signature(run_root: Path) -> list:
+    """What the evaluation plot is drawn from (size and time of ``eval.jsonl`` and ``report.json``): redraw only
+    when it changes."""
+    out: list = []
+    for name in (run_report.EVAL_LOG, run_report.REPORT_JSON):
+        try:
+            s = (Path(run_root) / name).stat()
+            out += [s.st_size, s.st_mtime_ns]
+        except OSError:
+            out += [None, None]
+    return out
+
+
 def sample_steps(run_root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the preview folders ``samples/step-N`` that hold a finished ``grid.png``, by step."""
     samples = RunDir(run_root).samples
@@ -135,9 +157,24 @@ class Results:
     after: str | None = None  # the latest preview grid
     before_label: str = ""
     after_label: str = ""
-    files: list[str] = field(default_factory=list)  # output/ files to download
+    files: list[str] = field(default_factory=list)  # output/ files to download, then report.html
     folders: list[str] = field(default_factory=list)  # output/ folders (diffusers layouts)
     numbers: list[list] = field(default_factory=list)  # [what, before, after]
+    evaluation: list[list] = field(default_factory=list)  # [figure, base, best, last] (EVALUATION_HEADERS)
+    report: str | None = None  # report.html, if the run wrote one
+    report_html: str = ""  # the gr.HTML value showing it
+
+    def message(self) -> str:
+        outputs = len(self.files) - (self.report is not None)
+        text = f"{outputs} output files"
+        if self.folders:
+            text += f" · folders: {', '.join(f'`{Path(f).name}/`' for f in self.folders)}"
+        if self.report is not None:
+            text += " · report: `report.html`"
+        return text
+
+
+EVALUATION_HEADERS = ["figure", "base", "best", "last"]
 
 
 def results(run_root: Path) -> Results:
@@ -154,7 +191,56 @@ def results(run_root: Path) -> Results:
         for item in sorted(run.output.iterdir()):
             (out.folders if item.is_dir() else out.files).append(str(item))
     out.numbers = numbers(run_root, steps)
+    out.evaluation = evaluation_numbers(run_root)
+    page = run.root / run_report.REPORT_HTML
+    if page.is_file():
+        out.report = str(page)
+        out.files.append(out.report)
+        out.report_html = report_view(run_root)
     return out
+
+
+def evaluation_numbers(run_root: Path) -> list[list]:
+    """Rows [figure, base, best, last] of the evaluations: the first row is the step of each, then every figure.
+
+    base: the first evaluation (step 0, the model before training); best and last: ``report.json``'s (a run still
+    going has no best yet, and its last is the latest evaluation). Empty without evaluations."""
+    run = RunDir(run_root)
+    rows = run_report.eval_rows(run)
+    found = run_report.read_report(run) or {}
+    base = rows[0] if rows else None
+    best_step = run_report.best_step(found)
+    best = {**(found.get("best") or {}), "step": best_step} if best_step is not None else None
+    last_step = found.get("last_step")
+    if isinstance(last_step, int) and isinstance(found.get("last"), dict):
+        last = {**found["last"], "step": last_step}
+    else:
+        last = rows[-1] if rows else None
+    columns = [base, best, last]
+    present = [c for c in columns if c]
+    if not present:
+        return []
+    out = [["step", *(str(c["step"]) if c and isinstance(c.get("step"), int) else "-" for c in columns)]]
+    for key in run_report.figure_keys(present):
+        label = f"{key} (lower = better)" if key == "drift" else key
+        out.append([label, *(_point(c.get(key)) if c else "-" for c in columns)])
+    return out
+
+
+def _point(value) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def report_view(run_root: Path, height: int = 900) -> str:
+    """``report.html`` in a sandboxed iframe (its own page, no scripts), the value of a ``gr.HTML``; "" without it."""
+    try:
+        page = (Path(run_root) / run_report.REPORT_HTML).read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return (
+        f'<iframe title="report" sandbox="" srcdoc="{html.escape(page, quote=True)}" '
+        f'style="width: 100%; height: {int(height)}px; border: 1px solid #ddd; background: #fff;"></iframe>'
+    )
 
 
 def numbers(run_root: Path, steps: list[tuple[int, Path]] | None = None) -> list[list]:

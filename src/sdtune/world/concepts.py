@@ -16,6 +16,7 @@ foreground (``CORE_FG_COLOURS``); both phases draw from this module, so neither 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -300,3 +301,28 @@ def style_eval_prompts(style: Style | str, n: int = 32, seed: int = 0) -> list[E
         if len(out) == n:
             break
     return out
+
+
+def expectation_of(prompt: str, subject: str | None = None, concept: Concept | str | None = None) -> Expectation | None:
+    """What the scorer should read for a shapes-world ``prompt`` (``None`` if it names no shape or no background).
+
+    The shape is the shape word; the foreground the colour word just before it (any colour when none); the background
+    the other colour named. ``subject`` (e.g. a token ``"<teal-heart>"`` or ``"sks heart"``) stands for ``concept``'s
+    words: ``"a <teal-heart> on a green background"`` expects a teal heart on green.
+    """
+    text = prompt.lower()
+    if subject and concept is not None:
+        c = get_concept(concept)
+        words = c.words if c.kind == "pairing" else c.shape
+        text = re.sub(rf"(?<![\w<]){re.escape(subject.lower())}(?![\w>])", words, text)
+    words = re.findall(r"[a-z]+", text)
+    shapes = [i for i, w in enumerate(words) if w in SHAPES]
+    colours = [i for i, w in enumerate(words) if w in COLOURS]
+    if len(shapes) != 1:
+        return None
+    at = shapes[0]
+    fg = words[at - 1] if at - 1 in colours else None
+    rest = [words[i] for i in colours if i != at - 1]
+    if len(rest) != 1:
+        return None
+    return Expectation(shape=words[at], fg=fg, bg=rest[0])

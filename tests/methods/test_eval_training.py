@@ -1,0 +1,202 @@
+"""Evaluation while training (``eval:``): eval.jsonl, the best step in output/, early stop, resume, ``sdtune eval``,
+and bad input before training. Small runs on the built-in model (the world scorer) with a few cheap images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from sdtune.config import parse_config
+from sdtune.config.methods import METHOD_SCHEMAS
+from sdtune.core.errors import ConfigError, SdtuneError
+from sdtune.core.events import EventBus, StepEnd
+from sdtune.methods.run import run, run_dir_of
+from sdtune.tools.evaluate_files import evaluate_file, evaluate_run
+from sdtune.world import write_concept_dataset
+
+EVAL = {
+    "every_n_steps": 2,
+    "prompts": ["a red star on a green background", "a blue star on a purple background"],
+    "prior_prompts": ["a red circle on a blue background", "a yellow square on a green background"],
+    "steps": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def star_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("star")
+    write_concept_dataset("star", folder, n=6)
+    return folder
+
+
+def lora_config(tmp_path: Path, data: Path, name: str = "ev", max_steps: int = 6, **extra) -> dict:
+    config = {
+        "method": "lora",
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "adapter": "locon",
+        "targets": "all",
+        "rank": 4,
+        "model": {"base": "builtin"},
+        "data": {"path": str(data), "batch_size": 2},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"name": "constant"},
+        "train": {"max_steps": max_steps},
+        "save": {"keep_last": 1},
+        "preview": {"enabled": False},
+        "eval": dict(EVAL),
+    }
+    for key, value in extra.items():
+        config[key] = config[key] | value if isinstance(value, dict) and key in config else value
+    return config
+
+
+def train(config: dict, resume: bool = False, bus: EventBus | None = None):
+    cfg = parse_config(config, METHOD_SCHEMAS[config["method"]])
+    outputs = run(cfg, resume=resume, console=Console(quiet=True), progress=False, bus=bus)
+    return outputs, run_dir_of(cfg)
+
+
+def figures(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("seconds", "step")}
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_evaluations_are_recorded_and_output_holds_the_best_step(tmp_path, star_data):
+    outputs, rundir = train(lora_config(tmp_path, star_data))
+    rows = rundir.evaluations()
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert all({"fidelity", "adherence", "prior", "drift", "score", "seconds"} <= set(r) for r in rows)
+    assert rows[0]["drift"] == 0.0  # the reference is the base model's own images
+    for r in rows:
+        assert r["score"] == pytest.approx(r["fidelity"] - 0.5 * r["drift"], abs=0.011)
+        assert (rundir.eval_dir / f"step-{r['step']}.png").is_file()
+    report = json.loads(rundir.report_path.read_text())
+    later = [r for r in rows if r["step"] > 0]
+    best = max(later, key=lambda r: r["score"])  # max() keeps the first of equal figures, as the selection does
+    assert report["best_step"] == best["step"] and report["selected_by"] == "score"
+    assert report["best"] == {"step": best["step"]} | figures(best)
+    assert report["last"] == {"step": 6} | figures(rows[-1]) and report["last_step"] == 6
+    assert report["evaluations"] == 4 and report["eval_seconds"] > 0
+    assert (rundir.root / "report.html").is_file()
+
+    # output/ is the best step's export (its checkpoint kept past keep_last: 1), the last step's in output/last/
+    exported = rundir.checkpoint(best["step"]).path / "export" / "ev.safetensors"
+    assert outputs == [rundir.output / "ev.safetensors"]
+    best_file, last_file = tensors(outputs[0]), rundir.output / "last" / "ev.safetensors"
+    assert best_file.keys() == tensors(exported).keys()
+    assert all(torch.equal(best_file[k], tensors(exported)[k]) for k in best_file)
+    if best["step"] != 6:
+        last = tensors(last_file)
+        assert any(not torch.equal(best_file[k], last[k]) for k in best_file)  # a different step's weights
+    else:
+        assert not last_file.exists()
+
+    # the exported files, applied as users apply them, score the best step's figures again
+    assert evaluate_run(rundir.root) == figures(best)
+
+
+def test_early_stop_ends_the_run_and_keeps_its_best(tmp_path, star_data):
+    config = lora_config(tmp_path, star_data, max_steps=20, eval=EVAL | {"patience": 1, "min_delta": 100.0})
+    _, rundir = train(config)
+    rows = rundir.evaluations()
+    # step 2 sets the mark; step 4 cannot rise by 100 points: one evaluation without improvement ends the run
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    report = json.loads(rundir.report_path.read_text())
+    assert report["last_step"] == 4 and report["stopped"].startswith("early stop: 1 evaluations without score")
+    assert "early stop" in rundir.events_path.read_text()
+    assert [c.step for c in rundir.list_checkpoints()][-1] == 4
+
+
+def test_a_resumed_run_evaluates_exactly_as_an_uninterrupted_one(tmp_path, star_data):
+    every_step = {"save": {"every_n_steps": 1, "keep_last": 10}}
+    _, whole = train(lora_config(tmp_path, star_data, name="whole", **every_step))
+    config = lora_config(tmp_path, star_data, name="split", **every_step)
+
+    def stop_at_3(event):
+        if isinstance(event, StepEnd) and event.step == 3:
+            run_dir_of(parse_config(config, METHOD_SCHEMAS["lora"])).request_stop()
+
+    bus = EventBus()
+    bus.subscribe(stop_at_3)
+    _, split = train(config, bus=bus)
+    assert [r["step"] for r in split.evaluations()] == [0, 2, 3]  # a stopped run's last step is evaluated too
+    # as if killed after evaluating step 4 and before its checkpoint: resume from step 2, so the rows of steps 3
+    # and 4 are past the checkpoint and must not survive
+    split.append_eval({"step": 4, "score": 1e9})
+    shutil.rmtree(split.checkpoints / "step-3")
+    _, split = train(config, resume=True)
+    assert [figures(r) for r in split.evaluations()] == [figures(r) for r in whole.evaluations()]
+    assert [r["step"] for r in split.evaluations()] == [0, 2, 4, 6]
+    whole_report, split_report = (json.loads(d.report_path.read_text()) for d in (whole, split))
+    assert split_report["best_step"] == whole_report["best_step"]
+    assert split_report["best"] == whole_report["best"]
+
+
+def test_evaluate_file_scores_a_lora_file_against_the_base(tmp_path, star_data):
+    outputs, rundir = train(lora_config(tmp_path, star_data, max_steps=2))
+    from sdtune.config.blocks import EvalConfig
+
+    e = EvalConfig(**EVAL)
+    by_file = evaluate_file(outputs[0], "builtin", e)
+    assert by_file == evaluate_run(rundir.root)  # the base's reference images made now = the run's saved ones
+    assert by_file["score"] == pytest.approx(by_file["fidelity"] - 0.5 * by_file["drift"], abs=0.011)
+    with pytest.raises(ConfigError, match="eval.concept: no concept prompts"):
+        evaluate_file(outputs[0], "builtin", EvalConfig())
+    with pytest.raises(SdtuneError, match="no such file"):
+        evaluate_file(tmp_path / "missing.safetensors", "builtin", e)
+
+
+# -- bad input: one line before training, never a crash mid-run ------------------------------------------------------
+
+
+def test_every_n_steps_beyond_the_run_is_a_config_error(tmp_path, star_data):
+    config = lora_config(tmp_path, star_data, max_steps=6, eval=EVAL | {"every_n_steps": 50})
+    with pytest.raises(ConfigError, match=r"eval.every_n_steps: 50 is more than train.max_steps \(6\)"):
+        parse_config(config, METHOD_SCHEMAS["lora"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"clip_model": "/nowhere/clip", "scorer": "clip"}, "eval.clip_model: /nowhere/clip does not exist"),
+        ({"prompts": [], "concept": None}, "eval.concept: no concept prompts"),
+        ({"prompts": ["a photo of a cat"]}, "eval.prompts: 'a photo of a cat' names no shape"),
+        ({"prior_prompts": ["something else"]}, "eval.prior_prompts: 'something else' names no shape"),
+    ],
+)
+def test_bad_evaluation_settings_stop_before_the_first_step(tmp_path, star_data, change, message):
+    config = lora_config(tmp_path, star_data, eval=EVAL | change)
+    with pytest.raises(ConfigError, match=message) as caught:
+        train(config)
+    assert "\n" not in str(caught.value)
+    rundir = run_dir_of(parse_config(config, METHOD_SCHEMAS["lora"]))
+    assert rundir.list_checkpoints() == [] and not rundir.eval_path.exists()
+
+
+def test_a_model_without_a_scorer_trains_without_evaluation_and_says_so(tmp_path, tiny_checkpoint, image_folder):
+    config = {
+        "method": "lora",
+        "name": "plain",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"base": str(tiny_checkpoint("sd1"))},
+        "data": {"path": str(image_folder), "resolution": 16, "batch_size": 2},
+        "train": {"max_steps": 2},
+        "preview": {"enabled": False},
+        "eval": {"every_n_steps": 1},
+    }
+    cfg = parse_config(config, METHOD_SCHEMAS["lora"])
+    console = Console(record=True, width=400)
+    outputs = run(cfg, console=console, progress=False)
+    assert outputs and not run_dir_of(cfg).eval_path.exists()
+    said = console.export_text()
+    assert said.count("eval: no scorer for this model") == 1 and "eval.clip_model" in said

@@ -1,5 +1,5 @@
 """Evaluation-driven training on an over-trained config (issue 19): the shipped star LoCon
-(``configs/builtin_lora_star.yaml``) at 3,000 steps, evaluated every 200 steps, once run to the end and once with
+(``configs/builtin_lora_star.yaml``) at 3,000 steps, evaluated every 250 steps, once run to the end and once with
 early stopping; then each run's ``output/`` re-scored by ``sdtune eval``'s code path and by the learning tests'
 harness (28 star images, 32 base prompts at 20 DDIM steps: the figures of BENCHMARKS.md's learning tables).
 
@@ -33,7 +33,7 @@ from sdtune.methods.run import run  # noqa: E402
 from sdtune.tools.evaluate_files import evaluate_run  # noqa: E402
 from sdtune.world import base_prompts, eval_prompts, write_concept_dataset  # noqa: E402
 
-EVAL = {"every_n_steps": 200, "concept": "star"}
+EVAL = {"every_n_steps": 250, "concept": "star", "num_prior_prompts": 8}  # the shipped config's, every 250 steps
 VARIANTS = {"full": {}, "early": {"patience": 3}}
 
 

@@ -43,9 +43,10 @@ class Learned:
         )
 
 
-def _model_with(outputs: list[Path]) -> SDComponents:
-    """The built-in model with what the run wrote applied as the web UI's "Generate with this" applies it."""
-    model, _ = load_with_output(run_output(outputs[0].parent.parent))  # <run>/output/<file>
+def _model_with(outputs: list[Path], last: bool = False) -> SDComponents:
+    """The built-in model with what the run wrote applied as the web UI's "Generate with this" applies it (with
+    ``last``: the last step's files, where an evaluation kept another step in output/)."""
+    model, _ = load_with_output(run_output(outputs[0].parent.parent, last))  # <run>/output/<file>
     return model
 
 
@@ -91,12 +92,14 @@ def learn(
     seed: int = 1000,
     drift_prompts: list[EvalPrompt] | None = None,
     drift_images: int = 1,
+    last: bool = False,
 ) -> Learned:
     """Score the base model, train ``config`` (a dict as in a YAML file), score again with its outputs applied.
 
     ``before_prompts`` (default: ``concept_prompts``) are what the base model is asked before training, e.g. the
     class word instead of a token it does not know yet. ``drift_prompts`` (default: 32 base prompts over every
-    shape and colour) measure what the base model keeps, ``drift_images`` images each.
+    shape and colour) measure what the base model keeps, ``drift_images`` images each. ``last``: score the last
+    step's files (``output/last/`` when the run's evaluation kept an earlier step in ``output/``).
     """
     basics = drift_prompts or base_prompts(BASE_PROMPTS, seed=0)
     asked = before_prompts or concept_prompts
@@ -106,7 +109,7 @@ def learn(
     start = time.perf_counter()
     outputs = run(cfg, console=Console(quiet=True), progress=False)
     seconds = time.perf_counter() - start
-    model = _model_with(outputs)
+    model = _model_with(outputs, last)
     concept_after = score_prompts(model, concept_prompts, BUILTIN_EVAL, seed=seed, images_per_prompt=2)
     base_after = score_prompts(model, basics, BUILTIN_EVAL, seed=seed, images_per_prompt=drift_images)
     return Learned(concept_before, concept_after, base_before, base_after, seconds, outputs)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from tests.methods.run_configs import sdtune_in_process
 
 from sdtune.config import parse_config
 from sdtune.config.methods import METHOD_SCHEMAS
@@ -142,8 +143,16 @@ def test_a_resumed_run_evaluates_exactly_as_an_uninterrupted_one(tmp_path, star_
     assert split_report["best"] == whole_report["best"]
 
 
-def test_evaluate_file_scores_a_lora_file_against_the_base(tmp_path, star_data):
+def test_evaluate_file_scores_a_lora_file_against_the_base(tmp_path, star_data, monkeypatch, capsys):
     outputs, rundir = train(lora_config(tmp_path, star_data, max_steps=2))
+    # `sdtune eval RUN --json F`: the run's own evaluation, one table, the figures as JSON
+    figures_file = tmp_path / "f.json"
+    code, out, err = sdtune_in_process(monkeypatch, capsys, "eval", str(rundir.root), "--json", str(figures_file))
+    assert code == 0, err
+    assert json.loads(figures_file.read_text()) == evaluate_run(rundir.root)
+    assert "fidelity" in out and "drift" in out
+    code, _, err = sdtune_in_process(monkeypatch, capsys, "eval", str(outputs[0]), "--prompt", "a cat")
+    assert code == 2 and err.count("\n") == 1 and "eval.prompts: 'a cat' names no shape" in err
     from sdtune.config.blocks import EvalConfig
 
     e = EvalConfig(**EVAL)
@@ -200,3 +209,14 @@ def test_a_model_without_a_scorer_trains_without_evaluation_and_says_so(tmp_path
     assert outputs and not run_dir_of(cfg).eval_path.exists()
     said = console.export_text()
     assert said.count("eval: no scorer for this model") == 1 and "eval.clip_model" in said
+
+
+def test_evaluating_never_changes_what_trains(tmp_path, star_data):
+    _, evaluated = train(lora_config(tmp_path, star_data, name="with", max_steps=4))
+    config = lora_config(tmp_path, star_data, name="without", max_steps=4)
+    config.pop("eval")
+    _, plain = train(config)
+    a = load_file(str(evaluated.checkpoint(4).path / "trainable.safetensors"))
+    b = load_file(str(plain.checkpoint(4).path / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not plain.eval_path.exists() and not plain.report_path.exists()

@@ -200,6 +200,9 @@ def eval_cmd(
     strength: float = typer.Option(1.0, help="LoRA weight, hypernetwork multiplier, or a model blended with --base."),
     steps: int = typer.Option(12, min=1, max=1000, help="Files: sampling steps (a run uses its own eval.steps)."),
     seed: int = typer.Option(1000, help="Files: the first image's seed (a run uses its own eval.seed)."),
+    resolution: int | None = typer.Option(
+        None, min=8, help="Files: image size in pixels (default: the model's native size; a run uses its own)."
+    ),
     grid: Path | None = typer.Option(None, help="Also save the evaluation images as one grid PNG here."),
     json_: Path | None = typer.Option(None, "--json", help="Write the figures as JSON to this file."),
 ) -> None:
@@ -225,7 +228,7 @@ def eval_cmd(
             e = EvalConfig(**{k: v for k, v in fields.items() if v not in (None, [])})
         except ValidationError as exc:
             raise config_error(exc, EvalConfig) from None
-        figures = evaluate_file(path, base, e, word, kind, strength, grid)
+        figures = evaluate_file(path, base, e, word, kind, strength, grid, resolution)
     table = Table("figure", "points", title=str(path))
     for key, value in figures.items():
         table.add_row(key, f"{value:g}")

@@ -337,13 +337,15 @@ class EvalConfig(StrictModel):
     """Prompts of what the model should keep drawing (drift is measured on them). Empty: `num_prior_prompts` base
     prompts (world), else the preservation prompts or the DreamBooth class prompt."""
     num_prior_prompts: int = Field(16, ge=1, le=512, examples=[16])
-    """World scorer: how many base prompts (every shape and colour) measure the drift."""
+    """World scorer: how many base prompts (every shape and colour) measure the drift (none for a textual
+    inversion: a new word changes no prompt without it)."""
     images_per_prompt: int = Field(1, ge=1, le=64, examples=[1])
     """Images per prompt (seeds `seed`, `seed + 1`, ...)."""
     seed: int = Field(1000, examples=[1000])
     """Seed of the first evaluation image; fixed, so every evaluation sees the same noise."""
-    steps: int = Field(12, ge=1, le=1000, examples=[20])
-    """Sampling steps of the evaluation images."""
+    steps: int = Field(20, ge=1, le=1000, examples=[20])
+    """Sampling steps of the evaluation images (on the built-in model 12 steps read late, averaged stars 14 points
+    lower than 20 do: BENCHMARKS.md)."""
     cfg_scale: float = Field(7.0, ge=0.0, examples=[7.0])
     """Classifier-free guidance scale of the evaluation images."""
     sampler: Literal["ddim", "euler", "euler_a", "dpmpp_2m"] = "ddim"

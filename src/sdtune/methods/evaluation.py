@@ -101,7 +101,8 @@ def load_scorers(e: EvalConfig | None, base: str) -> Scorers:
 
 
 def _named(prompts: list[str], word: str | None) -> list[str]:
-    return [p.replace("[name]", word) if word else p for p in prompts]
+    """``[name]`` written as the run's word (left out, as previews do, when the run has none)."""
+    return [" ".join(p.replace("[name]", word or "").split()) for p in prompts]
 
 
 def _world_subject(method: str, word: str | None, concept) -> str | None:

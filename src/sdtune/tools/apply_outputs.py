@@ -135,20 +135,22 @@ class RunOutput:
         )
 
 
-def run_output(run_root: str | Path) -> RunOutput:
-    """The output files of the run at ``run_root`` by its method (read from its ``config.yaml``)."""
+def run_output(run_root: str | Path, last: bool = False) -> RunOutput:
+    """The output files of the run at ``run_root`` by its method (read from its ``config.yaml``); with ``last`` the
+    last step's (``output/last/``, where evaluation kept an earlier best step in ``output/``)."""
     run = RunDir(run_root)
     try:
         cfg = load_train_config(run.config_path)
     except SdtuneError as exc:
         raise SdtuneError(f"{run.root}: no readable config.yaml ({exc}); choose a run folder") from None
-    files = sorted(run.output.iterdir()) if run.output.is_dir() else []
+    output = run.output / "last" if last and (run.output / "last").is_dir() else run.output
+    files = sorted(f for f in output.iterdir() if f.name != "last") if output.is_dir() else []
     if not files:
         raise SdtuneError(f"{run.root.name}: no output files yet; finish or stop the run first")
     token = getattr(cfg, "token", None)
 
     def named(name: str, what: str) -> Path:
-        path = run.output / name
+        path = output / name
         if not path.exists():
             raise SdtuneError(f"{run.root.name}: no {what} {name} in output/; finish or stop the run first")
         return path
@@ -174,9 +176,9 @@ def run_output(run_root: str | Path) -> RunOutput:
                 f"{run.root.name}: export: {cfg.export} holds only the trained components; load them with the base "
                 "model in ComfyUI / diffusers, or train with export: full to generate here"
             )
-        file = run.output / f"{cfg.name}.safetensors"
+        file = output / f"{cfg.name}.safetensors"
         return RunOutput(cfg.method, cfg.model.base, model=file if file.is_file() else named(cfg.name, "model"))
-    raise SdtuneError(f"method {cfg.method}: no way to apply its output yet; load {run.output} in A1111 / ComfyUI")
+    raise SdtuneError(f"method {cfg.method}: no way to apply its output yet; load {output} in A1111 / ComfyUI")
 
 
 def load_with_output(

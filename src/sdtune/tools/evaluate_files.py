@@ -122,8 +122,10 @@ def evaluate_file(
     kind: str | None = None,
     strength: float = 1.0,
     grid: Path | None = None,
+    resolution: int | None = None,
 ) -> dict[str, float]:
-    """The figures of ``path`` (a LoRA, embedding, hypernetwork or checkpoint) applied to ``base``."""
+    """The figures of ``path`` (a LoRA, embedding, hypernetwork or checkpoint) applied to ``base``, at
+    ``resolution`` (default: the model's native size)."""
     path = Path(path)
     if not path.exists():
         raise SdtuneError(f"{path}: no such file; give a LoRA, embedding, hypernetwork, checkpoint or run folder")
@@ -147,7 +149,7 @@ def evaluate_file(
     else:
         model = load_model(base)
         additions = [Addition(kind, path, strength)]
-    target = Target("file", word, native_size(model), images=e.reference_images)
+    target = Target("file", word, resolution or native_size(model), images=e.reference_images)
     evaluation = build_evaluation(e, scorers, target)
     to_model = _expander(model, additions, evaluation.concept)
     return score(evaluation, model, to_model, base_reference(evaluation, base), grid)

@@ -29,6 +29,8 @@ HARMLESS: tuple[str, ...] = (
     "train.gradient_checkpointing",  # recomputes activations instead of storing them: memory only
     "save.",  # checkpoint cadence, how many are kept, the export dtype
     "preview.",  # preview images only
+    "eval",  # evaluation measures the weights users get, never trains them (on or off: `eval`, its fields: `eval.`)
+    "eval.",
 )
 _MISSING = object()
 

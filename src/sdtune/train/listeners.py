@@ -146,7 +146,8 @@ class ConsoleProgress:
                 self.console.print(f"[red]stopped:[/red] {escape(event.reason)}", highlight=False, soft_wrap=True)
             elif event.train_seconds is not None:
                 previews = f", previews {format_duration(event.preview_seconds)}" if event.preview_seconds else ""
-                self._print(f"time: training {format_duration(event.train_seconds)}{previews}")
+                evaluation = f", evaluation {format_duration(event.eval_seconds)}" if event.eval_seconds else ""
+                self._print(f"time: training {format_duration(event.train_seconds)}{previews}{evaluation}")
 
     def _start_bar(self, event: RunStarted) -> None:
         self.progress = Progress(

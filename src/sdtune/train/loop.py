@@ -389,7 +389,8 @@ def _train(
             bus.emit(Evaluated(step, shown, selection.best_step, row.get("seconds", 0.0)))
 
     def report(step: int, stopped: str) -> dict:
-        return selection.report(step, stopped, eval_seconds, time.perf_counter() - run_started - preview_seconds)
+        spent = time.perf_counter() - run_started - preview_seconds - eval_seconds
+        return selection.report(step, stopped, eval_seconds, spent)
 
     def epoch(step: int) -> int:
         return step * per_step // stream.epoch_length + 1

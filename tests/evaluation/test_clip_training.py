@@ -73,3 +73,54 @@ def test_a_lora_is_evaluated_with_clip_and_dino_while_it_trains(tmp_path, tiny_m
         outputs[0], str(base), EvalConfig(**e | {"reference_images": str(image_folder)}), resolution=16
     )  # fmt: skip
     assert all(by_file[k] == pytest.approx(again[k], abs=0.05) for k in again)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_once_and_stop_early_together(tmp_path, tiny_model, scorers):
+    """Under torchrun only rank 0 evaluates; the best step and the early stop reach rank 1 (it would hang in the
+    next collective otherwise), and every row is written once."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    clip, dino = scorers
+    base = save_model(tiny_model("sd1"), tmp_path / "tiny-sd1.safetensors", dtype=torch.float32)
+    images = write_image_folder(tmp_path / "images")
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "method": "lora",
+                "name": "two",
+                "output_dir": str(tmp_path / "runs"),
+                "model": {"base": str(base)},
+                "data": {"path": str(images), "resolution": 16, "batch_size": 1},
+                "optimizer": {"lr": 1e-2},
+                "train": {"max_steps": 12},
+                "preview": {"enabled": False},
+                "eval": {
+                    "every_n_steps": 2,
+                    "clip_model": str(clip),
+                    "prompts": ["a red square"],
+                    "prior_prompts": ["a photo of a dog"],
+                    "steps": 2,
+                    "patience": 1,
+                    "min_delta": 1000.0,  # no rise can be this large: the second evaluation after the base stops
+                },
+            }
+        )
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "sdtune.cli.main", "train", str(config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    root = tmp_path / "runs" / "two"
+    rows = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    report = json.loads((root / "report.json").read_text())
+    assert report["last_step"] == 4 and report["stopped"].startswith("early stop")
+    assert report["best_step"] == max(rows[1:], key=lambda r: r["score"])["step"]
+    assert (root / "events.log").read_text().count("finished at step 4") == 1

@@ -220,3 +220,31 @@ def test_evaluating_never_changes_what_trains(tmp_path, star_data):
     b = load_file(str(plain.checkpoint(4).path / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not plain.eval_path.exists() and not plain.report_path.exists()
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "finetune"])
+def test_embeddings_and_whole_models_are_evaluated_as_files_and_as_runs(tmp_path, method):
+    """An embedding file (its word as prompts use it) and a whole checkpoint score as their run's output does."""
+    data = tmp_path / "heart"
+    token = "<teal-heart>" if method == "textual_inversion" else None
+    write_concept_dataset("teal_heart", data, n=4, token=token)
+    e = {"every_n_steps": 1, "concept": "teal_heart", "steps": 2, "num_prior_prompts": 2}
+    config = {
+        "method": method,
+        "name": method,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"base": "builtin"},
+        "data": {"path": str(data), "batch_size": 2},
+        "train": {"max_steps": 1},
+        "preview": {"enabled": False},
+        "eval": e,
+    } | ({"token": token, "init_text": "heart"} if token else {})
+    outputs, rundir = train(config)
+    from sdtune.config.blocks import EvalConfig
+
+    rows = rundir.evaluations()
+    assert [r["step"] for r in rows] == [0, 1]
+    assert ("drift" in rows[0]) is (method != "textual_inversion")  # a new word changes no prompt without it
+    file = next(p for p in outputs if p.suffix == ".safetensors")
+    by_file = evaluate_file(file, "builtin", EvalConfig(**e), word=token)
+    assert by_file == evaluate_run(rundir.root) == figures(rows[-1])

@@ -149,7 +149,8 @@ def evaluate_file(
     else:
         model = load_model(base)
         additions = [Addition(kind, path, strength)]
-    target = Target("file", word, resolution or native_size(model), images=e.reference_images)
+    method = "textual_inversion" if kind == "embedding" else "file"  # a new word: no prior prompts (no drift)
+    target = Target(method, word, resolution or native_size(model), images=e.reference_images)
     evaluation = build_evaluation(e, scorers, target)
     to_model = _expander(model, additions, evaluation.concept)
     return score(evaluation, model, to_model, base_reference(evaluation, base), grid)

@@ -248,3 +248,24 @@ def test_embeddings_and_whole_models_are_evaluated_as_files_and_as_runs(tmp_path
     file = next(p for p in outputs if p.suffix == ".safetensors")
     by_file = evaluate_file(file, "builtin", EvalConfig(**e), word=token)
     assert by_file == evaluate_run(rundir.root) == figures(rows[-1])
+
+
+@pytest.mark.parametrize(
+    ("word", "trigger", "concept", "first"),
+    [
+        (None, False, "star", "a green star on a red background"),  # plain words
+        ("<teal-heart>", False, "teal_heart", "a <teal-heart> on a red background"),  # a new token: the concept
+        ("sks", True, "teal_heart", "a sks heart on a red background"),  # a trigger before the class word
+        ("sks", True, "star", "a green sks star on a red background"),
+    ],
+)
+def test_world_prompts_name_the_concept_as_the_run_does(word, trigger, concept, first):
+    from sdtune.config.blocks import EvalConfig
+    from sdtune.methods.evaluation import Scorers, Target, build_evaluation
+
+    target = Target("lora", word, 64, trigger=trigger)
+    evaluation = build_evaluation(EvalConfig(concept=concept), Scorers("world"), target)
+    assert evaluation.concept[0] == first
+    expect = evaluation.scorer.concept[0]
+    assert (expect.shape, expect.bg) == (concept.split("_")[-1], "red")
+    assert len(evaluation.prior) == 16

@@ -47,25 +47,31 @@ class Target:
     images: str | None = None  # the concept's images (CLIP-I / DINO references); eval.reference_images wins
     prompts: tuple[str, ...] = ()  # concept prompts when eval.prompts is empty (real models: the preview prompts)
     prior: tuple[str, ...] = ()  # prior prompts when eval.prior_prompts is empty
+    trigger: bool = False  # the word is a trigger written before the class word (`sks heart`), not a new token
 
 
-def concept_word(cfg: RunBase) -> str | None:
-    """How a run's prompts name its concept: the token (textual inversion, pivotal LoRA), DreamBooth's instance
-    token, or None (the plain words)."""
+def concept_word(cfg: RunBase) -> tuple[str | None, bool]:
+    """How a run's prompts name its concept, and whether the word is a trigger before the class word: the token
+    (textual inversion, pivotal LoRA: the whole concept), DreamBooth's instance token or preservation's trigger
+    (`sks heart`), or None (the plain words)."""
+    if token := getattr(cfg, "token", None):
+        return token, False
     preservation = getattr(cfg, "preservation", None)
-    trigger = preservation.trigger if preservation is not None else None
-    return getattr(cfg, "token", None) or getattr(cfg, "instance_token", None) or trigger
+    trigger = getattr(cfg, "instance_token", None) or (preservation.trigger if preservation is not None else None)
+    return trigger, trigger is not None
 
 
 def target_of(cfg: RunBase, resolution: int) -> Target:
+    word, trigger = concept_word(cfg)
     return Target(
         cfg.method,
-        concept_word(cfg),
+        word,
         resolution,
         cfg.preview.negative_prompt,
         cfg.data.path,
         tuple(cfg.preview.prompts),
         tuple(_prior_prompts(cfg)),
+        trigger,
     )
 
 
@@ -105,17 +111,17 @@ def _named(prompts: list[str], word: str | None) -> list[str]:
     return [" ".join(p.replace("[name]", word or "").split()) for p in prompts]
 
 
-def _world_subject(method: str, word: str | None, concept) -> str | None:
-    """How the run's prompts name the world concept: DreamBooth's token goes before the class word."""
+def _world_subject(word: str | None, trigger: bool, concept) -> str | None:
+    """How the run's prompts name the world concept: a trigger goes before the class word (`sks heart`)."""
     if word is None or concept is None:
         return word
-    return f"{word} {concept.shape}" if method == "dreambooth" else word
+    return f"{word} {concept.shape}" if trigger else word
 
 
-def _world(e: EvalConfig, method: str, word: str | None) -> tuple[WorldScorer, list[str], list[str]]:
+def _world(e: EvalConfig, method: str, word: str | None, trigger: bool) -> tuple[WorldScorer, list[str], list[str]]:
     style = get_style(e.concept) if e.concept in STYLES else None
     concept = get_concept(e.concept) if e.concept and style is None else None
-    subject = _world_subject(method, word, concept)
+    subject = _world_subject(word, trigger, concept)
     if e.prompts:
         pairs = []
         for prompt in _named(e.prompts, subject):
@@ -200,7 +206,7 @@ def build_evaluation(e: EvalConfig, scorers: Scorers, target: Target) -> Evaluat
         negative_prompt=target.negative_prompt,
     )
     if scorers.kind == "world":
-        scorer, concept, prior = _world(e, target.method, word)
+        scorer, concept, prior = _world(e, target.method, word, target.trigger)
     else:
         concept = _named(list(e.prompts or target.prompts), word)
         if not concept:

@@ -150,7 +150,10 @@ def evaluate_file(
         model = load_model(base)
         additions = [Addition(kind, path, strength)]
     method = "textual_inversion" if kind == "embedding" else "file"  # a new word: no prior prompts (no drift)
-    target = Target(method, word, resolution or native_size(model), images=e.reference_images)
+    # --word names an embedding's new token, or a LoRA's / model's trigger (written before the class word)
+    target = Target(
+        method, word, resolution or native_size(model), images=e.reference_images, trigger=kind != "embedding"
+    )
     evaluation = build_evaluation(e, scorers, target)
     to_model = _expander(model, additions, evaluation.concept)
     return score(evaluation, model, to_model, base_reference(evaluation, base), grid)

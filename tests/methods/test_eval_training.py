@@ -269,3 +269,43 @@ def test_world_prompts_name_the_concept_as_the_run_does(word, trigger, concept, 
     expect = evaluation.scorer.concept[0]
     assert (expect.shape, expect.bg) == (concept.split("_")[-1], "red")
     assert len(evaluation.prior) == 16
+
+
+def test_a_file_lycoris_wrote_scores_as_lycoris_applies_it(tmp_path, monkeypatch):
+    """`sdtune eval` on another tool's file: a LoCon made and saved by the lycoris-lora package itself, applied by
+    sdtune as users apply it, scores what the same images score with LyCORIS' own modules hooked into the model."""
+    lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="pip install lycoris-lora==4.1.3")
+    from tests.formats.test_lora_keys import lycoris_apply, named_view
+
+    from sdtune.config.blocks import EvalConfig
+    from sdtune.methods.evaluation import Scorers, Target, build_evaluation
+    from sdtune.models.loading import load_model
+
+    model = load_model("builtin")
+    encoder = model.text_encoders[0]
+    te = encoder if hasattr(encoder, "text_model") else named_view({"text_model": encoder})
+    # its "full" preset targets diffusers' time embedding both by class and by name (4.1.3 asserts on that)
+    full = lycoris_kohya.PRESET["full"]
+    monkeypatch.setitem(lycoris_kohya.PRESET, "full", dict(full, unet_target_name=[]))
+    saved = list(lycoris_kohya.LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME)
+    try:
+        network = lycoris_kohya.create_network(1.0, 4, 4.0, None, te, model.unet, algo="locon", conv_dim=4)
+    finally:
+        lycoris_kohya.LycorisNetworkKohya.apply_preset({"unet_target_name": saved})
+    network.apply_to(te, model.unet, apply_text_encoder=True, apply_unet=True)  # its modules become parameters
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in network.parameters():  # LyCORIS starts with zero up-weights: give it something to apply
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    path = tmp_path / "lycoris-locon.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+
+    e = EvalConfig(**EVAL)
+    figures = evaluate_file(path, "builtin", e)
+    evaluation = build_evaluation(e, Scorers("world"), Target("file", None, 64, trigger=True))
+    reference = evaluation.scorer.reference(evaluation.images(load_model("builtin")).prior)
+    hooked = load_model("builtin")
+    lycoris_apply(hooked, load_file(str(path)))
+    expected = evaluation.figures(evaluation.images(hooked), reference)
+    assert figures == expected
+    assert figures["drift"] > 0  # the file changed what the base draws: the comparison is not of two base models

@@ -244,3 +244,20 @@ def test_auto_or_number_preview_fields_show_auto_and_take_numbers():
     values[index["preview.steps"]], values[index["preview.enabled"]] = "8", False
     cfg = parse_form(schema, fields, values)
     assert cfg.preview.steps == 8 and cfg.preview.enabled is False
+
+
+def test_a_block_that_is_off_shows_its_defaults_so_every_choice_is_one_of_its_choices():
+    """Loading a config without `eval:` must not hand a dropdown None (gradio refuses it and the load fails)."""
+    from sdtune.config import parse_config
+    from sdtune.config.methods import LoraConfig
+    from sdtune.ui.forms import config_to_values, form_fields
+
+    fields = form_fields(LoraConfig)
+    cfg = parse_config({"method": "lora", "name": "x", "data": {"path": "d"}}, LoraConfig)
+    shown = dict(zip((f.key for f in fields), config_to_values(fields, cfg), strict=True))
+    assert shown["eval"] is False and shown["preservation"] is False
+    for spec in fields:
+        if spec.key.startswith(("eval.", "preservation.")):
+            assert shown[spec.key] == spec.default, spec.key
+            if spec.kind == "choice" and not spec.optional:
+                assert shown[spec.key] in spec.choices, spec.key

@@ -257,8 +257,13 @@ def config_to_values(fields: list[FieldSpec], cfg: RunBase) -> list[Any]:
     for spec in fields:
         value: Any = cfg
         for part in spec.key.split("."):
-            value = None if value is None else getattr(value, part)
-        out.append(_to_form(spec.kind, value, spec.optional))
+            if value is None:  # an optional block that is off (eval: None): its fields show their defaults
+                break
+            value = getattr(value, part)
+        else:
+            out.append(_to_form(spec.kind, value, spec.optional))
+            continue
+        out.append(spec.default)
     return out
 
 

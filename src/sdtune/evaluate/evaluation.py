@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from sdtune.core.atomic import atomic_path
 from sdtune.inference.generate import GenerationSettings, generate, grid
 from sdtune.models.components import SDComponents
 from sdtune.world import COLOURS, SHAPES, Expectation, Reading, matches, score_image
+from sdtune.world.concepts import replace_word
 
 REFERENCE_FILE = "reference.safetensors"
 
@@ -150,7 +150,7 @@ def without_word(prompt: str, word: str | None) -> str:
     """``prompt`` with ``word`` (a trigger or token) taken out: what CLIP-T compares an image with."""
     if not word:
         return prompt
-    return " ".join(re.sub(rf"(?<![\w<]){re.escape(word)}(?![\w>])", " ", prompt).split())
+    return " ".join(replace_word(prompt, word, " ").split())
 
 
 # -- the evaluation --------------------------------------------------------------------------------------------------
@@ -221,17 +221,6 @@ class Evaluation:
         with atomic_path(folder / REFERENCE_FILE) as tmp:
             meta = {"key": self.key, "scorer": self.scorer.name, "step": str(step)}
             save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp), metadata=meta)
-
-
-def reference_step(folder: Path) -> int | None:
-    """The step whose images the saved reference was made from (0: the base model)."""
-    path = folder / REFERENCE_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return int((fh.metadata() or {}).get("step", 0))
 
 
 def _mean(values: Sequence[bool]) -> float:

@@ -20,6 +20,7 @@ from sdtune.config.methods import RunBase
 from sdtune.core.errors import ConfigError, DataError
 from sdtune.evaluate.evaluation import ClipScorer, Evaluation, WorldScorer, without_word
 from sdtune.inference.generate import GenerationSettings
+from sdtune.train.loop import EvaluateFn
 from sdtune.world import base_prompts, eval_prompts, get_concept, get_style, style_eval_prompts
 from sdtune.world.concepts import STYLES, expectation_of
 
@@ -155,9 +156,12 @@ def _world(e: EvalConfig, method: str, word: str | None, trigger: bool) -> tuple
         prior = [(p.prompt, p.expect) for p in base_prompts(e.num_prior_prompts, seed=0)]
     else:
         prior = []
-    attrs = ("bg",) if style else ("shape",) if concept and concept.kind == "shape" else ("shape", "fg")
-    if concept is None and style is None:
-        attrs = ("shape", "fg", "bg")
+    if style is not None:
+        attrs = ("bg",)  # a style is its background
+    elif concept is None:
+        attrs = ("shape", "fg", "bg")  # prompts of the user's: everything they ask
+    else:
+        attrs = ("shape",) if concept.kind == "shape" else ("shape", "fg")
     scorer = WorldScorer([x for _, x in pairs], [x for _, x in prior], attrs)
     return scorer, [p for p, _ in pairs], [p for p, _ in prior]
 
@@ -222,25 +226,26 @@ def build_evaluation(e: EvalConfig, scorers: Scorers, target: Target) -> Evaluat
     return Evaluation(scorer, concept, prior, settings, e.seed, e.images_per_prompt, e.drift_weight)
 
 
-EvaluateFn = Callable[[int, Path], dict[str, float]]
-
-
 def step_evaluator(evaluation: Evaluation, job, log: Callable[[str], None]) -> EvaluateFn:
     """What the loop calls every ``eval.every_n_steps``: the images from the job's model as users get it (EMA
     weights where it exports them), the grid in ``folder/step-<N>.png``, the figures. The first call makes the
     reference (drift's baseline) from its own prior images and keeps it in ``folder`` for resumes."""
 
+    kept: dict[str, dict] = {}  # the reference, read (or made) once per process
+
     def evaluate(step: int, folder: Path) -> dict[str, float]:
         with job.users_model() as model:
             images = evaluation.images(model, job.model_prompts)
-        reference = evaluation.load_reference(folder) if evaluation.prior else None
-        if reference is None and evaluation.prior:
-            reference = evaluation.scorer.reference(images.prior)
-            evaluation.save_reference(folder, reference, step)
-            if step > 0:
-                log(f"eval: no reference images of the base model; drift is measured against step {step}")
+        if evaluation.prior and "reference" not in kept:
+            reference = evaluation.load_reference(folder)
+            if reference is None:
+                reference = evaluation.scorer.reference(images.prior)
+                evaluation.save_reference(folder, reference, step)
+                if step > 0:
+                    log(f"eval: no reference images of the base model; drift is measured against step {step}")
+            kept["reference"] = reference
         evaluation.save_grid(images, folder / f"step-{step}.png")
-        return evaluation.figures(images, reference)
+        return evaluation.figures(images, kept.get("reference"))
 
     return evaluate
 

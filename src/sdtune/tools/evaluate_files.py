@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,7 +156,3 @@ def evaluate_file(
     evaluation = build_evaluation(e, scorers, target)
     to_model = _expander(model, additions, evaluation.concept)
     return score(evaluation, model, to_model, base_reference(evaluation, base), grid)
-
-
-def figures_json(figures: dict[str, float]) -> str:
-    return json.dumps(figures, indent=1)

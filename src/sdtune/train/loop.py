@@ -52,7 +52,8 @@ from sdtune.train.precision import LossScaler
 from sdtune.train.rundir import RunDir
 from sdtune.train.selection import Selection
 
-EvaluateFn = Callable[[int, Path], dict]  # (step, the run's eval/ folder) -> figures; sdtune.methods.evaluation
+# (step, the run's eval/ folder) -> figures: sdtune.methods.evaluation.step_evaluator
+EvaluateFn = Callable[[int, Path], dict[str, float]]
 
 
 class Job(Protocol):

@@ -303,6 +303,11 @@ def style_eval_prompts(style: Style | str, n: int = 32, seed: int = 0) -> list[E
     return out
 
 
+def replace_word(text: str, word: str, by: str) -> str:
+    """``word`` (a trigger or a ``<token>``) replaced by ``by`` wherever it stands as a whole word."""
+    return re.sub(rf"(?<![\w<]){re.escape(word)}(?![\w>])", by, text)
+
+
 def expectation_of(prompt: str, subject: str | None = None, concept: Concept | str | None = None) -> Expectation | None:
     """What the scorer should read for a shapes-world ``prompt`` (``None`` if it names no shape or no background).
 
@@ -314,7 +319,7 @@ def expectation_of(prompt: str, subject: str | None = None, concept: Concept | s
     if subject and concept is not None:
         c = get_concept(concept)
         words = c.words if c.kind == "pairing" else c.shape
-        text = re.sub(rf"(?<![\w<]){re.escape(subject.lower())}(?![\w>])", words, text)
+        text = replace_word(text, subject.lower(), words)
     words = re.findall(r"[a-z]+", text)
     shapes = [i for i, w in enumerate(words) if w in SHAPES]
     colours = [i for i, w in enumerate(words) if w in COLOURS]
